@@ -1,0 +1,134 @@
+"""The smoothed classifier g(x) = argmax_c P[f(x + delta) = c], delta ~ N(0, sigma^2 I).
+
+Same public shape as Cohen et al.'s reference `core.Smooth`, so code written
+against it ports by changing one import. Differences: randomness comes from an
+explicit `torch.Generator`, counting stays on the device (one transfer per
+call), and a non-finite output of the base classifier raises instead of being
+counted as a vote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from smoothing import stats
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The base classifier returned NaN or inf: its votes cannot be trusted."""
+
+
+class Smooth:
+    """A smoothed classifier around `base_classifier` ([B, C, H, W] in [0, 1] -> logits [B, K])."""
+
+    ABSTAIN = stats.ABSTAIN
+
+    def __init__(
+        self,
+        base_classifier: torch.nn.Module,
+        num_classes: int,
+        sigma: float,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.base_classifier = base_classifier
+        self.num_classes = num_classes
+        self.sigma = float(sigma)
+        self.autocast_dtype = autocast_dtype
+
+    def certify(
+        self,
+        x: torch.Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+    ) -> tuple[int, float]:
+        """CERTIFY: (class, L2 radius) holding with probability >= 1 - alpha, or (ABSTAIN, 0.0).
+
+        n0 draws select the top class; n fresh draws bound its probability.
+        """
+        _check_counts(n0=n0, n=n, batch_size=batch_size)
+        generator = _generator_for(x, generator)
+        counts_selection = self.sample_counts(x, n0, batch_size, generator)
+        counts_estimation = self.sample_counts(x, n, batch_size, generator)
+        both = torch.stack([counts_selection, counts_estimation]).cpu().numpy()
+        return stats.certify_from_counts(both[0], both[1], alpha, self.sigma)
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+    ) -> int:
+        """PREDICT: the top class if it beats the runner-up at level alpha, else ABSTAIN."""
+        _check_counts(n=n, batch_size=batch_size)
+        counts = self.sample_counts(x, n, batch_size, _generator_for(x, generator))
+        return stats.predict_from_counts(counts.cpu().numpy(), alpha)
+
+    @torch.inference_mode()
+    def sample_counts(
+        self, x: torch.Tensor, num: int, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Votes of the base classifier on `num` noisy copies of x: a [K] tensor on x's device."""
+        if x.dim() != 3:
+            raise ValueError(f"expected one image [C, H, W], got shape {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("input image contains NaN or inf")
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
+        all_finite = torch.ones((), dtype=torch.bool, device=x.device)
+        remaining = num
+        while remaining > 0:
+            this_batch = min(batch_size, remaining)
+            remaining -= this_batch
+            # noise * sigma + x in place on the noise buffer: the input is never copied
+            batch = torch.randn(
+                (this_batch, *x.shape), generator=generator, device=x.device, dtype=x.dtype
+            )
+            batch.mul_(self.sigma).add_(x)
+            with self._autocast(x.device):
+                logits = self.base_classifier(batch)
+            all_finite &= torch.isfinite(logits).all()
+            counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
+        if not bool(all_finite):
+            raise NonFiniteOutputError(
+                "the base classifier returned NaN or inf under noise; refusing to count its votes"
+            )
+        return counts
+
+    @torch.inference_mode()
+    def base_predict(self, x: torch.Tensor) -> int:
+        """The base classifier's prediction on x itself, without noise."""
+        with self._autocast(x.device):
+            logits = self.base_classifier(x.unsqueeze(0))
+        if not torch.isfinite(logits).all():
+            raise NonFiniteOutputError("the base classifier returned NaN or inf on a clean input")
+        return int(logits.argmax(dim=1).item())
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+def _check_counts(batch_size: int, **sample_sizes: int) -> None:
+    for name, value in {**sample_sizes, "batch_size": batch_size}.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _generator_for(x: torch.Tensor, generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        generator = torch.Generator(device=x.device)
+        generator.seed()
+    elif generator.device.type != x.device.type:
+        raise ValueError(f"generator is on {generator.device}, input on {x.device}")
+    return generator
