@@ -79,6 +79,7 @@ class Smooth:
         self, x: torch.Tensor, num: int, batch_size: int, generator: torch.Generator
     ) -> torch.Tensor:
         """Votes of the base classifier on `num` noisy copies of x: a [K] tensor on x's device."""
+        _check_counts(num=num, batch_size=batch_size)
         if x.dim() != 3:
             raise ValueError(f"expected one image [C, H, W], got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():

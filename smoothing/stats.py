@@ -15,6 +15,11 @@ from statsmodels.stats.proportion import proportion_confint
 ABSTAIN = -1
 
 
+def _check_sigma(sigma: float) -> None:
+    if not sigma > 0:  # also rejects NaN
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+
+
 def _check_alpha(alpha: float) -> None:
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
@@ -41,6 +46,7 @@ def binomial_p_value(n_a: int, n_b: int) -> float:
 
 def certified_radius(p_a_lower: float, sigma: float) -> float:
     """L2 radius sigma * Phi^-1(p_A lower bound); only meaningful when p_a_lower > 1/2."""
+    _check_sigma(sigma)
     return float(sigma * norm.ppf(p_a_lower))
 
 
@@ -52,8 +58,7 @@ def certify_from_counts(
     Returns (class, radius), or (ABSTAIN, 0.0) when the lower bound is <= 1/2.
     Ties in the selection counts go to the lowest class index (numpy argmax).
     """
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    _check_sigma(sigma)
     c_a = int(np.argmax(np.asarray(counts_selection)))
     counts_estimation = np.asarray(counts_estimation)
     p_a_lower = lower_confidence_bound(
