@@ -1,0 +1,173 @@
+"""Diffusion denoised smoothing (Carlini et al. 2023): one step of an unconditional DDPM.
+
+For noise sigma in [0, 1] space the image is mapped to [-1, 1] (noise 2 * sigma), the
+timestep t with sqrt((1 - a_t) / a_t) >= 2 * sigma is found once (Eq. 6), the noisy image
+is scaled to x_t = sqrt(a_t) * (2 x - 1), and one network call gives the clean estimate
+
+    x0 = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t) = x_hat - s_t * eps   (epsilon models)
+    x0 = sqrt(a_t) * x_t - sqrt(1 - a_t) * v                           (v-prediction)
+
+with s_t = sqrt((1 - a_t) / a_t), the schedule's noise level at t (>= 2 sigma by at most
+one step of the grid). This is the `pred_xstart` of one reverse step, as both reference
+implementations compute it; the result is clipped to [-1, 1] as their `clip_denoised`
+does, then mapped back to [0, 1].
+
+Checkpoint layout: a `DDPMPipeline` directory or hub repository, i.e. `unet/` holding a
+`UNet2DModel` and `scheduler/` holding the scheduler config (what
+`DDPMPipeline.save_pretrained` writes). Learned-variance models (out_channels =
+2 * in_channels, e.g. improved-diffusion ports) keep only the noise channels.
+
+Resolution: by default the image is denoised at its own size, as Carlini et al. feed
+224 x 224 ImageNet crops to their 256 x 256 model: the UNet is convolutional, and
+resampling the noisy image would filter the Gaussian noise (lower its variance and
+correlate it), so the timestep of Eq. 6 would no longer match it. Sizes the UNet cannot
+take (not a multiple of its downsampling factor) are reflect-padded and cropped back.
+`resize=True` instead resizes to the UNet's `sample_size` (bilinear, antialiased) and
+back, for models that only work at their training size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+
+from denoisers.pipeline import Denoiser, pad_to_multiple
+from denoisers.registry import dtype_kwargs, dtype_name, load_checkpoint, parse_dtype
+from denoisers.timesteps import noise_levels, timestep_for_sigma
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class DDSDenoiser(Denoiser):
+    """One-shot denoiser from an unconditional diffusers UNet2DModel and its schedule."""
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: DDPMScheduler,
+        sigma: float,
+        *,
+        resize: bool = False,
+        checkpoint: str | None = None,
+    ):
+        super().__init__(sigma)
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.unet = unet.eval()
+        self.prediction_type = prediction_type
+        self.resize = bool(resize)
+        self.checkpoint = checkpoint
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+
+        alphas_cumprod = scheduler.alphas_cumprod
+        self.timestep = timestep_for_sigma(alphas_cumprod, 2 * self.sigma)
+        alpha = float(torch.as_tensor(alphas_cumprod, dtype=torch.float64)[self.timestep])
+        self.sqrt_alpha = math.sqrt(alpha)
+        self.sqrt_one_minus_alpha = math.sqrt(1.0 - alpha)
+        self.schedule_noise_level = float(noise_levels(alphas_cumprod)[self.timestep])
+        self.register_buffer("_timestep", torch.tensor([self.timestep]), persistent=False)
+
+        channels = int(unet.config.in_channels)
+        out_channels = int(unet.config.out_channels)
+        if out_channels not in (channels, 2 * channels):
+            raise ValueError(
+                f"UNet has {out_channels} output channels for {channels} input channels; "
+                "expected the same number, or twice as many with a learned variance"
+            )
+        self.channels = channels
+        self.learned_variance = out_channels == 2 * channels
+        self.sample_size = _as_size(unet.config.sample_size)
+        if self.resize and self.sample_size is None:
+            raise ValueError("resize=True needs a UNet config with a sample_size")
+        # Each down block but the last halves the resolution.
+        self.size_multiple = 2 ** (len(unet.config.down_block_types) - 1)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | Path,
+        *,
+        sigma: float,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        resize: bool = False,
+    ) -> DDSDenoiser:
+        """Load `unet/` and `scheduler/` of a DDPMPipeline hub id or directory."""
+        torch_dtype = parse_dtype(dtype)
+
+        def load(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
+            unet = UNet2DModel.from_pretrained(
+                path, subfolder="unet", use_safetensors=True, **dtype_kwargs(torch_dtype)
+            )
+            return unet, DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+
+        unet, scheduler = load_checkpoint(load, checkpoint, what="diffusion model")
+        if unet.dtype != torch_dtype:
+            raise RuntimeError(f"asked diffusers for a {torch_dtype} UNet, got {unet.dtype}")
+        denoiser = cls(unet, scheduler, sigma, resize=resize, checkpoint=str(checkpoint))
+        return denoiser.to(device)
+
+    def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
+        if noisy.shape[1] != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {noisy.shape[1]}")
+        x_hat = 2.0 * noisy.float() - 1.0  # [-1, 1] space: the noise is now 2 * sigma
+        x_hat, restore = self._fit(x_hat)
+        x_t = self.sqrt_alpha * x_hat
+        dtype = self.unet.dtype
+        out = self.unet(x_t.to(dtype), self._timestep.expand(x_t.shape[0]), return_dict=False)[0]
+        prediction = out[:, : self.channels].float()  # drop learned-variance channels
+        if self.prediction_type == "epsilon":
+            x0 = x_hat - self.schedule_noise_level * prediction
+        elif self.prediction_type == "v_prediction":
+            x0 = self.sqrt_alpha * x_t - self.sqrt_one_minus_alpha * prediction
+        else:
+            x0 = prediction
+        return ((restore(x0) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def _fit(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """x at a size the UNet takes, and the map of an output back to x's size."""
+        height, width = x.shape[-2:]
+        if self.resize and (height, width) != self.sample_size:
+            resized = F.interpolate(
+                x, size=self.sample_size, mode="bilinear", align_corners=False, antialias=True
+            )
+
+            def back(y: torch.Tensor) -> torch.Tensor:
+                return F.interpolate(
+                    y, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+                )
+
+            return resized, back
+        return pad_to_multiple(x, self.size_multiple)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "denoiser": "dds",
+            "checkpoint": self.checkpoint,
+            "sigma": self.sigma,
+            "model_noise_level": 2 * self.sigma,
+            "timestep": self.timestep,
+            "num_train_timesteps": self.num_train_timesteps,
+            "schedule_noise_level": self.schedule_noise_level,
+            "input_scale": self.sqrt_alpha,
+            "prediction_type": self.prediction_type,
+            "learned_variance": self.learned_variance,
+            "resolution": "resize" if self.resize else "native",
+            "sample_size": list(self.sample_size) if self.sample_size else None,
+            "dtype": dtype_name(self.unet.dtype),
+        }
+
+
+def _as_size(sample_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    if sample_size is None:
+        return None
+    if isinstance(sample_size, int):
+        return (sample_size, sample_size)
+    height, width = sample_size
+    return (int(height), int(width))

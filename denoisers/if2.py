@@ -1,0 +1,213 @@
+"""DeepFloyd IF-II as a one-shot denoiser with timestep correction (Choi et al. 2024, Eq. 9).
+
+IF-II is a text-conditional super-resolution model eps(x_t, t, text | x_low_t', t'): its
+UNet takes the noisy image and the upscaled, re-noised low-resolution image stacked on
+the channel axis (6 channels), the text embedding, and the low-resolution noise level
+t' as `class_labels`; it predicts noise and a learned variance (6 channels).
+
+As a denoiser for sigma (in [0, 1] space): x_hat = 2 x - 1 carries noise 2 * sigma;
+t_hat is the first timestep whose noise level reaches 2 * sigma (Eq. 6); both image
+inputs are x_t = sqrt(a_t_hat) * x_hat (Eq. 9's "self-conditioning"); the condition's
+level is t' = k * t_hat (Eq. 8, k = 1.8 by default, the paper's choice), rounded down and
+clamped to the last timestep; the output is x_hat - s * eps (noise channels only), with
+s = sqrt((1 - a_t_hat) / a_t_hat) the schedule's noise level at t_hat. Eq. 9 writes s as
+the input noise level; the paper's code takes the scheduler's `pred_original_sample`,
+which uses the schedule's value at t_hat (>= 2 sigma by less than one step of the grid),
+and so does this module. The estimate is clipped to [-1, 1] and mapped back to [0, 1]
+(the reference's scheduler step applies the scheduler's dynamic thresholding instead,
+which is this same clip when its sample_max_value is 1).
+
+Prompt: Eq. 9 conditions on a template C(c) with an empty label. `prompt` is the text,
+and a "{}" in it is replaced by `token` (default ""): "" (the reference code's default),
+"This is a photo of a {}." with token "sks" after personalization (`adapt`), etc. The
+embedding is computed once with the pipeline's `encode_prompt`, without classifier-free
+guidance (the reference runs with guidance off); the T5 encoder is then released.
+
+Resolution: images are denoised at their own size, as the reference code feeds 224 x 224
+crops straight to IF-II (trained at 256 x 256; the UNet is convolutional). A size that
+is not a multiple of the UNet's downsampling factor, which IF-II's up blocks cannot
+take, is reflect-padded and cropped back: resampling would filter the noise and break
+the match of Eq. 6.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, IFSuperResolutionPipeline, UNet2DConditionModel
+
+from denoisers.pipeline import Denoiser, pad_to_multiple
+from denoisers.registry import dtype_kwargs, dtype_name, load_checkpoint, parse_dtype
+from denoisers.timesteps import corrected_timestep, noise_levels, timestep_for_sigma
+
+DEFAULT_CHECKPOINT = "DeepFloyd/IF-II-L-v1.0"
+_HOW_TO_GET_IF = (
+    "accept the DeepFloyd IF license on https://huggingface.co/{name}, log in with "
+    "`hf auth login` and run `hf download {name}` (older clients: `huggingface-cli login` "
+    "and `huggingface-cli download {name}`)"
+)
+
+
+def format_prompt(prompt: str, token: str = "") -> str:
+    """The conditioning text: `prompt` with "{}" replaced by `token`."""
+    if "{}" in prompt:
+        return prompt.replace("{}", token)
+    if token:
+        raise ValueError(f"token {token!r} given but prompt {prompt!r} has no {{}} placeholder")
+    return prompt
+
+
+class IF2Denoiser(Denoiser):
+    """Eq. 9 of Choi et al. (2024) on an IF-II UNet, for one noise level."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler: DDPMScheduler,
+        prompt_embeds: torch.Tensor,
+        sigma: float,
+        *,
+        k: float = 1.8,
+        info: dict[str, Any] | None = None,
+    ):
+        super().__init__(sigma)
+        if prompt_embeds.dim() != 3 or prompt_embeds.shape[0] != 1:
+            raise ValueError(
+                f"expected one prompt embedding [1, L, D], got {tuple(prompt_embeds.shape)}"
+            )
+        if unet.config.in_channels % 2:
+            raise ValueError("an IF-II UNet takes the image and its condition: even in_channels")
+        self.unet = unet.eval()
+        self.channels = int(unet.config.in_channels) // 2
+        # Each down block but the last halves the resolution.
+        self.size_multiple = 2 ** (len(unet.config.down_block_types) - 1)
+        self.k = float(k)
+        self.info = dict(info or {})
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+
+        alphas_cumprod = scheduler.alphas_cumprod
+        self.timestep = timestep_for_sigma(alphas_cumprod, 2 * self.sigma)
+        self.corrected_timestep = corrected_timestep(
+            self.timestep, self.k, self.num_train_timesteps
+        )
+        alpha = float(torch.as_tensor(alphas_cumprod, dtype=torch.float64)[self.timestep])
+        self.sqrt_alpha = math.sqrt(alpha)
+        self.schedule_noise_level = float(noise_levels(alphas_cumprod)[self.timestep])
+
+        # One copy of each per-run constant; every batch gets an expanded view.
+        self.register_buffer("_timestep", torch.tensor([self.timestep]), persistent=False)
+        self.register_buffer(
+            "_class_label", torch.tensor([self.corrected_timestep]), persistent=False
+        )
+        self.register_buffer(
+            "prompt_embeds", prompt_embeds.detach().to(unet.dtype), persistent=False
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | Path = DEFAULT_CHECKPOINT,
+        *,
+        sigma: float,
+        k: float = 1.8,
+        prompt: str = "",
+        token: str = "",
+        lora: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        variant: str | None = None,
+    ) -> IF2Denoiser:
+        """Load an IFSuperResolutionPipeline (hub id or save_pretrained directory)."""
+        torch_dtype = parse_dtype(dtype)
+        text = format_prompt(prompt, token)
+        device = torch.device(device)
+
+        def load(path: str) -> IFSuperResolutionPipeline:
+            return IFSuperResolutionPipeline.from_pretrained(
+                path,
+                use_safetensors=True,
+                **dtype_kwargs(torch_dtype),
+                variant=variant,
+                # Only the UNet, schedulers and text encoder are needed.
+                safety_checker=None,
+                feature_extractor=None,
+                watermarker=None,
+                requires_safety_checker=False,
+            )
+
+        name = str(checkpoint)
+        pipeline = load_checkpoint(
+            load, checkpoint, what="IF-II model", how_to_get=_HOW_TO_GET_IF.format(name=name)
+        )
+        if pipeline.unet.dtype != torch_dtype:
+            raise RuntimeError(f"asked for a {torch_dtype} UNet, got {pipeline.unet.dtype}")
+        if pipeline.text_encoder is None or pipeline.tokenizer is None:
+            raise ValueError(f"{name} has no text encoder/tokenizer to embed the prompt with")
+        if lora is not None:
+            load_checkpoint(pipeline.load_lora_weights, lora, what="LoRA weights")
+
+        # Embed once, on the target device, then drop T5 (the largest part of IF-II)
+        # before the UNet moves there, so the two never share the device's memory.
+        pipeline.text_encoder.to(device)
+        with torch.no_grad():
+            prompt_embeds, _ = pipeline.encode_prompt(
+                text, do_classifier_free_guidance=False, device=device
+            )
+        unet, scheduler = pipeline.unet, pipeline.scheduler
+        del pipeline
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+        info = {
+            "checkpoint": name,
+            "prompt_template": prompt,
+            "token": token,
+            "prompt": text,
+            "lora": None if lora is None else str(lora),
+            "variant": variant,
+        }
+        return cls(unet, scheduler, prompt_embeds, sigma, k=k, info=info).to(device)
+
+    def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
+        batch, channels = noisy.shape[:2]
+        if channels != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {channels}")
+        x_hat = 2.0 * noisy.float() - 1.0  # [-1, 1] space: the noise is now 2 * sigma
+        x_hat, crop = pad_to_multiple(x_hat, self.size_multiple)
+        x_t = (self.sqrt_alpha * x_hat).to(self.unet.dtype)
+        out = self.unet(
+            torch.cat([x_t, x_t], dim=1),  # x_t and the condition are the same image
+            self._timestep.expand(batch),
+            encoder_hidden_states=self.prompt_embeds.expand(batch, -1, -1),
+            class_labels=self._class_label.expand(batch),
+            return_dict=False,
+        )[0]
+        eps = out[:, :channels].float()  # the rest is the learned variance
+        x0 = crop(x_hat - self.schedule_noise_level * eps)
+        return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "denoiser": "if2",
+            "checkpoint": self.info.get("checkpoint"),
+            "sigma": self.sigma,
+            "model_noise_level": 2 * self.sigma,
+            "timestep": self.timestep,
+            "k": self.k,
+            "corrected_timestep": self.corrected_timestep,
+            "num_train_timesteps": self.num_train_timesteps,
+            "schedule_noise_level": self.schedule_noise_level,
+            "input_scale": self.sqrt_alpha,
+            "prompt_template": self.info.get("prompt_template"),
+            "token": self.info.get("token"),
+            "prompt": self.info.get("prompt"),
+            "lora": self.info.get("lora"),
+            "variant": self.info.get("variant"),
+            "resolution": "native",
+            "dtype": dtype_name(self.unet.dtype),
+        }

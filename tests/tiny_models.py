@@ -1,0 +1,213 @@
+"""Tiny checkpoints of the real model classes, for offline tests.
+
+Each builder makes a randomly initialised model of the same diffusers/transformers
+class a real checkpoint uses, saves it with `save_pretrained` (safetensors) into a
+directory and returns that directory, so tests load it back through the same
+`from_pretrained` code path a user takes with a hub id. Seeds are fixed: the same
+call gives the same weights.
+
+- `save_tiny_ddpm(dir, ...)`: a `DDPMPipeline`-style directory (`unet/` holds a
+  `UNet2DModel`, `scheduler/` a `DDPMScheduler`), the layout `denoisers.dds` reads.
+- `save_tiny_if2(dir, ...)`: an `IFSuperResolutionPipeline` with DeepFloyd IF-II's
+  structure (6 input/output channels, `class_embed_type="timestep"`,
+  `addition_embed_type="text"`, simple cross-attention blocks), a tiny T5 encoder and
+  a T5 tokenizer built in memory from a small unigram vocabulary.
+- `add_random_lora(unet, ...)`: a peft LoRA adapter with non-zero weights (peft's
+  default initialisation leaves the adapter a no-op, which would make a test of
+  "LoRA changes the output" pass or fail for the wrong reason); `save_tiny_if2_lora`
+  saves one with the pipeline's `save_lora_weights`.
+- `go_offline(monkeypatch, cache_dir)`: no Hub network and an empty cache for one test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Words the tiny tokenizer knows; anything else falls back to single letters or <unk>.
+_WORDS = ["a", "an", "the", "photo", "of", "this", "is", "sks", "dog", "cat", "type", "food"]
+
+T5_DIM = 16  # d_model of the tiny T5 encoder = encoder_hid_dim of the tiny IF-II UNet
+
+
+def tiny_t5_tokenizer():
+    """A `T5Tokenizer` (tokenizers-backed unigram model) over a few words and letters."""
+    from transformers import T5Tokenizer
+
+    pieces = ["\u2581" + w for w in _WORDS] + list("abcdefghijklmnopqrstuvwxyz.,") + ["\u2581"]
+    # T5's fixed ids: <pad>=0, </s>=1, <unk>=2; scores only order the unigram pieces.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(piece, -1.0 - i) for i, piece in enumerate(pieces)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_ddpm_unet(*, prediction_channels: int = 3, sample_size: int = 16, seed: int = 0):
+    """A two-level `UNet2DModel`; `prediction_channels=6` mimics a learned-variance model."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=prediction_channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+
+
+def save_tiny_ddpm(
+    directory: str | Path,
+    *,
+    prediction_type: str = "epsilon",
+    prediction_channels: int = 3,
+    beta_schedule: str = "linear",
+    sample_size: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny UNet2DModel + DDPMScheduler as `directory/{unet,scheduler}`; return it."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    directory = Path(directory)
+    unet = tiny_ddpm_unet(
+        prediction_channels=prediction_channels, sample_size=sample_size, seed=seed
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        variance_type="learned_range" if prediction_channels == 6 else "fixed_small",
+    )
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def tiny_if2_components(*, seed: int = 0) -> dict:
+    """The components of a tiny `IFSuperResolutionPipeline` (no safety checker/watermarker)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=T5_DIM,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=6,  # noisy image + upscaled low-resolution condition
+        out_channels=6,  # noise + learned variance
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=32,  # its group norm has a fixed 32 groups
+        encoder_hid_dim=T5_DIM,
+        attention_head_dim=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+        class_embed_type="timestep",
+        mid_block_scale_factor=1.414,
+        time_embedding_act_fn="gelu",
+        time_embedding_dim=16,
+    ).eval()
+    # IF-II's two schedulers share the squared-cosine schedule; the denoising one
+    # predicts epsilon with a learned variance range.
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        thresholding=True,
+        dynamic_thresholding_ratio=0.95,
+        sample_max_value=1.0,
+        prediction_type="epsilon",
+        variance_type="learned_range",
+    )
+    image_noising_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"
+    )
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "unet": unet,
+        "scheduler": scheduler,
+        "image_noising_scheduler": image_noising_scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "watermarker": None,
+    }
+
+
+def tiny_if2_pipeline(*, seed: int = 0):
+    """A tiny in-memory `IFSuperResolutionPipeline`."""
+    from diffusers import IFSuperResolutionPipeline
+
+    return IFSuperResolutionPipeline(
+        **tiny_if2_components(seed=seed), requires_safety_checker=False
+    )
+
+
+def save_tiny_if2(directory: str | Path, *, seed: int = 0) -> Path:
+    """Save a tiny IF-II pipeline with `save_pretrained` (safetensors); return the directory."""
+    directory = Path(directory)
+    tiny_if2_pipeline(seed=seed).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+
+
+def add_random_lora(unet: torch.nn.Module, *, rank: int = 4, seed: int = 0) -> None:
+    """Attach a peft LoRA adapter with random (non-zero) weights to a UNet's attention."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=False)
+    )
+
+
+def save_tiny_if2_lora(directory: str | Path, *, seed: int = 1) -> Path:
+    """Save a random LoRA for the tiny IF-II UNet with the pipeline's `save_lora_weights`."""
+    from diffusers import IFSuperResolutionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    directory = Path(directory)
+    pipeline = tiny_if2_pipeline()
+    add_random_lora(pipeline.unet, seed=seed)
+    IFSuperResolutionPipeline.save_lora_weights(
+        directory,
+        unet_lora_layers=get_peft_model_state_dict(pipeline.unet),
+        safe_serialization=True,
+    )
+    return directory
+
+
+def go_offline(monkeypatch, cache_dir: str | Path) -> None:
+    """Make the Hugging Face Hub offline with an empty cache at `cache_dir`, for one test.
+
+    huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE once, at import, so the values
+    it uses are patched as well as the environment.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache_dir))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache_dir))
