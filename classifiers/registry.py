@@ -8,6 +8,7 @@ it normalizes inside its own forward. A dataset builder is called as
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -69,6 +70,11 @@ class Registry:
     def build(self, name: str, **kwargs: Any) -> Any:
         entry, args = self._resolve(name)
         return entry.builder(*args, **kwargs)
+
+    def accepts(self, name: str, option: str) -> bool:
+        """Whether the builder of `name` takes keyword `option` (not just **kwargs)."""
+        parameters = inspect.signature(self.get(name).builder).parameters
+        return option in parameters
 
     def names(self) -> list[str]:
         return sorted(self._entries)
