@@ -8,13 +8,18 @@ first use.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from denoisers.pipeline import DenoiseAndClassify, Denoiser
 from denoisers.registry import DENOISERS, CheckpointNotFoundError, build_denoiser
 from denoisers.timesteps import corrected_timestep, timestep_for_sigma
 
+# The DDPM trained on the digits training split by denoisers/train_digits_ddpm.py.
+BUNDLED_DIGITS_DDPM = Path(__file__).resolve().parent / "weights" / "digits_ddpm"
+
 __all__ = [
+    "BUNDLED_DIGITS_DDPM",
     "DENOISERS",
     "CheckpointNotFoundError",
     "DDSDenoiser",

@@ -60,6 +60,7 @@ class DDSDenoiser(Denoiser):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
         self.unet = unet.eval()
+        self.scheduler = scheduler
         self.prediction_type = prediction_type
         self.resize = bool(resize)
         self.checkpoint = checkpoint
@@ -112,6 +113,12 @@ class DDSDenoiser(Denoiser):
             raise RuntimeError(f"asked diffusers for a {torch_dtype} UNet, got {unet.dtype}")
         denoiser = cls(unet, scheduler, sigma, resize=resize, checkpoint=str(checkpoint))
         return denoiser.to(device)
+
+    def at(self, sigma: float) -> DDSDenoiser:
+        """The same network for another noise level."""
+        return DDSDenoiser(
+            self.unet, self.scheduler, sigma, resize=self.resize, checkpoint=self.checkpoint
+        )
 
     def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
         if noisy.shape[1] != self.channels:

@@ -82,6 +82,7 @@ class IF2Denoiser(Denoiser):
         if unet.config.in_channels % 2:
             raise ValueError("an IF-II UNet takes the image and its condition: even in_channels")
         self.unet = unet.eval()
+        self.scheduler = scheduler
         self.channels = int(unet.config.in_channels) // 2
         # Each down block but the last halves the resolution.
         self.size_multiple = 2 ** (len(unet.config.down_block_types) - 1)
@@ -172,6 +173,13 @@ class IF2Denoiser(Denoiser):
             "variant": variant,
         }
         return cls(unet, scheduler, prompt_embeds, sigma, k=k, info=info).to(device)
+
+    def at(self, sigma: float, k: float | None = None) -> IF2Denoiser:
+        """The same network and prompt for another noise level or correction factor."""
+        k = self.k if k is None else k
+        return IF2Denoiser(
+            self.unet, self.scheduler, self.prompt_embeds, sigma, k=k, info=self.info
+        )
 
     def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
         batch, channels = noisy.shape[:2]

@@ -1,0 +1,124 @@
+"""`denoise`: look at what a denoiser makes of noisy images before spending GPU hours.
+
+A PNG grid in the manner of Choi et al. (2024), Fig. 3 and Fig. 7: one row per
+image; columns clean, then for each sigma the noisy input and the denoised
+output for each correction factor k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+import classifiers
+from cli.errors import CommandError
+from cli.options import (
+    DENOISER_OPTIONS,
+    DEVICE_OPTIONS,
+    apply,
+    build_denoiser,
+    denoiser_choice,
+    resolve_device,
+)
+from smoothing.runner import example_generator
+
+
+def _numbers(kind: type, flag: str, positive: bool = True):
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> list:
+        try:
+            numbers = [kind(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}",
+                                     param_hint=flag) from None
+        if not numbers:
+            raise click.BadParameter("give at least one value", param_hint=flag)
+        if any(not v > 0 if positive else v < 0 for v in numbers):
+            raise click.BadParameter(f"values must be {'> 0' if positive else '>= 0'}",
+                                     param_hint=flag)
+        return numbers
+
+    return parse
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--dataset", default="digits", help="Dataset name, or folder:PATH.")
+@click.option("--split", default="test")
+@click.option("--data-root", type=click.Path(file_okay=False))
+@click.option("--indices", default="0,1,2,3", callback=_numbers(int, "--indices", positive=False),
+              help="Dataset indices of the images to show (one row each).")
+@click.option("--sigmas", default="0.25,0.5,1.0", callback=_numbers(float, "--sigmas"),
+              help="Noise levels (std in [0, 1] pixel space), one column group each.")
+@click.option("--k", "ks", default="1.8", callback=_numbers(float, "--k"),
+              help="if2: correction factors t' = k t, one denoised column each (try 1,1.8,2.5).")
+@apply([denoiser_choice(allow_none=False), *DENOISER_OPTIONS, *DEVICE_OPTIONS])
+@click.option("--seed", type=int, default=0, help="Noise seed (the runner's seeding rule).")
+@click.option("--out", type=click.Path(dir_okay=False), default="runs/denoise.png")
+@click.option("--overwrite", is_flag=True, help="Replace an existing picture.")
+def denoise_command(**options: Any) -> None:
+    """Draw clean / noisy / denoised images side by side as a PNG grid."""
+    out = Path(options["out"]).with_suffix(".png")
+    if out.exists() and not options["overwrite"]:
+        raise CommandError(f"{out} exists; pass --overwrite to replace it")
+    if options["denoiser"] != "if2" and options["ks"] != [1.8]:
+        raise click.UsageError("--k applies to --denoiser if2 only")
+    device = resolve_device(options["device"])
+    try:
+        dataset = classifiers.build_dataset(
+            options["dataset"], split=options["split"], data_root=options["data_root"]
+        )
+        bad = [i for i in options["indices"] if i >= len(dataset)]
+        if bad:
+            raise ValueError(f"--indices {bad} past the end of the dataset ({len(dataset)})")
+        images = torch.stack([dataset[i][0] for i in options["indices"]]).to(device)
+        first = build_denoiser(options, options["sigmas"][0], options["ks"][0], device)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from error
+
+    columns: list[tuple[str, torch.Tensor]] = [("clean", images)]
+    with torch.inference_mode():
+        for sigma in options["sigmas"]:
+            noise = torch.stack([
+                torch.randn(image.shape, generator=example_generator(options["seed"], i, device),
+                            device=device)
+                for i, image in zip(options["indices"], images, strict=True)
+            ])
+            noisy = images + sigma * noise
+            columns.append((f"noisy σ={sigma:g}", noisy))
+            for k in options["ks"]:
+                denoiser = first.at(sigma, k) if options["denoiser"] == "if2" else first.at(sigma)
+                title = f"{options['denoiser']} σ={sigma:g}"
+                if options["denoiser"] == "if2":
+                    title += f" k={k:g}"
+                columns.append((title, denoiser(noisy, sigma)))
+    _draw(columns, out)
+    click.echo(f"wrote {out}")
+
+
+def _draw(columns: list[tuple[str, torch.Tensor]], out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = columns[0][1].shape[0]
+    figure = Figure(figsize=(1.6 * len(columns), 1.6 * rows + 0.4))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, len(columns), squeeze=False)
+    for column, (title, batch) in enumerate(columns):
+        # noisy inputs leave [0, 1]; clip only for display
+        pictures = batch.detach().float().clamp(0, 1).cpu()
+        for row in range(rows):
+            axis = axes[row][column]
+            picture = pictures[row]
+            if picture.shape[0] == 1:
+                axis.imshow(picture[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                axis.imshow(picture.permute(1, 2, 0).numpy())
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(title, fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)

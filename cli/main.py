@@ -1,0 +1,251 @@
+"""Console scripts `certify`, `predict` and `analyze`: the one place that wires the packages."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+import classifiers
+import denoisers
+from cli.analyze import analyze_command
+from cli.errors import CommandError
+from cli.options import (
+    DENOISER_OPTIONS,
+    DEVICE_OPTIONS,
+    DTYPES,
+    apply,
+    build_denoiser,
+    denoiser_choice,
+    positive,
+    resolve_device,
+)
+from smoothing.core import NonFiniteOutputError, Smooth
+from smoothing.runner import ResultFile, ResultFileError, RunSettings, run, select_indices
+
+__all__ = ["analyze_command", "certify_command", "predict_command"]
+
+def _alpha(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise click.BadParameter(f"must lie in (0, 1), got {value}", param_hint="--alpha")
+    return value
+
+
+def _common_options(default_n: int) -> Callable:
+    """Options shared by certify and predict."""
+    options = [
+        click.option("--model", default="digits", show_default=True,
+                     help="Base classifier name (see --list-models)."),
+        click.option("--classifier-weights", type=click.Path(dir_okay=False),
+                     help="Fine-tuned weights (safetensors) loaded into --model."),
+        click.option("--classifier-checkpoint",
+                     help="Pretrained weights of --model: an open_clip tag or file for clip-*, "
+                          "a torchvision weights name or file for resnet*."),
+        click.option("--template", "templates", multiple=True,
+                     help="CLIP prompt template with '{}' for the class name; repeat to "
+                          "average several [default: the dataset's templates]."),
+        click.option("--dataset", default="digits", show_default=True,
+                     help="Dataset name, or folder:PATH for an ImageFolder tree."),
+        click.option("--split", default="test", show_default=True, help="Dataset split."),
+        click.option("--data-root", type=click.Path(file_okay=False),
+                     help="Folder holding the datasets (not needed for digits)."),
+        click.option("--sigma", type=float, default=0.25, show_default=True,
+                     callback=positive("sigma"),
+                     help="Noise level: the std of the Gaussian added in [0, 1] pixel space."),
+        click.option("--n", "n", type=int, default=default_n, show_default=True,
+                     callback=positive("n"), help="Noise samples per example."),
+        click.option("--alpha", type=float, default=0.001, show_default=True, callback=_alpha,
+                     help="Failure probability of the guarantee."),
+        click.option("--batch", type=int, default=1000, show_default=True,
+                     callback=positive("batch"), help="Noisy copies per forward pass."),
+        click.option("--start", type=int, default=0, show_default=True,
+                     help="First dataset index."),
+        click.option("--skip", type=int, default=1, show_default=True,
+                     help="Take every SKIP-th example from --start."),
+        click.option("--max", "max_examples", type=int, default=None,
+                     help="Stop after this many examples."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed; example i's noise depends only on (seed, i)."),
+        *DEVICE_OPTIONS,
+        denoiser_choice(allow_none=True),
+        *DENOISER_OPTIONS,
+        click.option("--k", "k", type=float, default=1.8, show_default=True,
+                     callback=positive("k"),
+                     help="if2: timestep correction factor, t' = k * t (Eq. 8)."),
+        click.option("--out", type=click.Path(dir_okay=False),
+                     help="Result path stem: writes OUT.tsv and OUT.json "
+                          "[default: runs/MODE_MODEL[_DENOISER]_DATASET_SPLIT_sigmaSIGMA]."),
+        click.option("--overwrite", is_flag=True, help="Replace results made with other settings."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--list-models", is_flag=True, is_eager=True, expose_value=False,
+                     callback=_list_names, help="List model and dataset names and exit."),
+    ]
+    return apply(options)
+
+
+def _list_names(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    registries = (("models", classifiers.CLASSIFIERS), ("datasets", classifiers.DATASETS))
+    for title, registry in registries:
+        click.echo(f"{title}:")
+        for name in registry.names():
+            shown = name + "PATH" if name.endswith(":") else name
+            click.echo(f"  {shown:<22} {registry.get(name).description.strip().splitlines()[0]}")
+    ctx.exit(0)
+
+
+def _file_digest(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _execute(mode: str, options: dict[str, Any]) -> None:
+    """Build data, model and smoothed classifier from the options, then run."""
+    for name in ("start", "skip", "max_examples"):
+        minimum = 0 if name == "start" else 1
+        if options[name] is not None and options[name] < minimum:
+            flag = "--max" if name == "max_examples" else f"--{name}"
+            raise click.BadParameter(f"must be >= {minimum}", param_hint=flag)
+    device = resolve_device(options["device"])
+
+    try:
+        dataset = classifiers.build_dataset(
+            options["dataset"], split=options["split"], data_root=options["data_root"]
+        )
+        weights = options["classifier_weights"]
+        if weights is not None and not Path(weights).is_file():
+            raise FileNotFoundError(f"--classifier-weights {weights}: no such file")
+        model = classifiers.build_classifier(
+            options["model"], class_names=list(dataset.classes), sigma=options["sigma"],
+            **_classifier_options(options, dataset, device),
+        ).to(device).eval()
+        base, denoiser_settings = _with_denoiser(model, options, device)
+        smooth = Smooth(base, len(dataset.classes), options["sigma"], DTYPES[options["dtype"]])
+        indices = select_indices(
+            len(dataset), options["start"], options["skip"], options["max_examples"]
+        )
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from error
+
+    denoiser = "" if options["denoiser"] == "none" else f"_{options['denoiser']}"
+    dataset_name = options["dataset"].replace(":", "_").replace("/", "_")
+    stem = options["out"] or (
+        f"runs/{mode}_{options['model']}{denoiser}_{dataset_name}"
+        f"_{options['split']}_sigma{options['sigma']:g}"
+    )
+    stem = Path(stem)
+    if stem.suffix in (".tsv", ".json"):
+        stem = stem.with_suffix("")
+    row_settings = {
+        key: options[key]
+        for key in ("model", "dataset", "split", "sigma", "n", "alpha", "batch", "seed", "dtype",
+                    "classifier_checkpoint", "templates")
+    }
+    row_settings.update(
+        n0=options.get("n0"), device=device,
+        classifier_weights=options["classifier_weights"],
+        classifier_weights_sha256=_file_digest(options["classifier_weights"]),
+        denoiser=denoiser_settings,
+    )
+    results = ResultFile(stem, mode, row_settings, overwrite=options["overwrite"])
+    settings = RunSettings(
+        mode=mode, n=options["n"], n0=options.get("n0") or 0, alpha=options["alpha"],
+        batch_size=options["batch"], seed=options["seed"], device=device,
+    )
+    selection = {key: options[key] for key in ("start", "skip", "max_examples")}
+    try:
+        run(smooth, dataset, indices, results, settings,
+            extra_record={"selection": selection, "data_root": options["data_root"]},
+            progress=not options["quiet"])
+    except ResultFileError as error:
+        raise CommandError(str(error)) from error
+    except ValueError as error:  # bad input met while running (e.g. NaN in an image)
+        raise CommandError(f"{error}; rows so far are kept in {results.tsv}") from error
+    except NonFiniteOutputError as error:
+        raise click.ClickException(f"{error}; rows so far are kept in {results.tsv}") from error
+    _report(mode, results)
+
+
+def _classifier_options(options: dict[str, Any], dataset: Any, device: str) -> dict[str, Any]:
+    """Keyword options for the classifier builder, from the command line and the dataset."""
+    name = options["model"]
+    built: dict[str, Any] = {"weights": options["classifier_weights"], "device": device}
+    given = {"pretrained": options["classifier_checkpoint"], "templates": options["templates"]}
+    for option, value in given.items():
+        if value and not classifiers.CLASSIFIERS.accepts(name, option):
+            flag = {"pretrained": "--classifier-checkpoint", "templates": "--template"}[option]
+            raise click.UsageError(f"{flag} does not apply to --model {name}")
+    if options["classifier_checkpoint"]:
+        built["pretrained"] = options["classifier_checkpoint"]
+    templates = list(options["templates"]) or getattr(dataset, "templates", None)
+    if templates and classifiers.CLASSIFIERS.accepts(name, "templates"):
+        built["templates"] = templates
+    return built
+
+
+def _with_denoiser(
+    classifier: torch.nn.Module, options: dict[str, Any], device: str
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The base classifier to smooth: the classifier itself, or denoise-then-classify."""
+    if options["denoiser"] == "none":
+        if options["denoiser_checkpoint"] or options["lora"]:
+            raise click.UsageError("--denoiser-checkpoint and --lora need --denoiser dds or if2")
+        return classifier, None
+    denoiser = build_denoiser(options, options["sigma"], options["k"], device)
+    base = denoisers.DenoiseAndClassify(denoiser, classifier, options["sigma"])
+    return base.to(device).eval(), {"name": options["denoiser"], **denoiser.settings()}
+
+
+def _report(mode: str, results: ResultFile) -> None:
+    rows = list(results.done.values())
+    total = len(rows)
+    correct = sum(int(r["correct"]) for r in rows)
+    abstained = sum(int(r["predict"]) == Smooth.ABSTAIN for r in rows)
+    click.echo(f"wrote {results.tsv} ({total} rows) and {results.sidecar.name}")
+    if mode == "certify":
+        click.echo(f"certified accuracy at radius 0: {correct / total:.3f}, abstained: {abstained}")
+        click.echo(f"for ACR and curves: analyze {results.tsv} --plot {results.stem}")
+    else:
+        clean = sum(int(r["clean_correct"]) for r in rows)
+        click.echo(
+            f"smoothed accuracy: {correct / total:.3f}, abstained: {abstained}, "
+            f"empirical clean accuracy (abstentions scored by the base classifier): "
+            f"{clean / total:.3f}"
+        )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@_common_options(default_n=10_000)
+@click.option("--n0", type=int, default=100, callback=positive("n0"),
+              help="Noise samples that select the top class before it is bounded.")
+def certify_command(**options: Any) -> None:
+    """Certify each example: a class and an L2 radius within which the smoothed
+    classifier's prediction provably cannot change, with probability >= 1 - alpha
+    over the noise (Cohen et al., 2019, CERTIFY).
+
+    Writes one row per example to OUT.tsv (idx label predict radius correct time;
+    predict = -1 when it abstains) and the settings to OUT.json. A rerun with the
+    same settings resumes where it stopped. With no options it certifies the
+    bundled digits test split with the bundled model.
+    """
+    _execute("certify", options)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@_common_options(default_n=100)
+def predict_command(**options: Any) -> None:
+    """Predict with the smoothed classifier (Cohen et al., 2019, PREDICT): the top
+    class under noise if a binomial test separates it from the runner-up at level
+    alpha, otherwise abstain. Default n = 100 as in the evaluation protocol of
+    Choi et al. (2024, App. A.3).
+
+    Reports the smoothed accuracy and the empirical clean accuracy, where an
+    abstained example is scored by the base classifier's clean prediction.
+    """
+    _execute("predict", options)

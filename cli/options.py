@@ -1,0 +1,92 @@
+"""Options and builders shared by the commands: device, precision, denoiser."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+import torch
+
+import denoisers
+from cli.errors import CommandError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def positive(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback refusing values <= 0 (and NaN) for option --NAME."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None and not value > 0:
+            raise click.BadParameter(f"must be > 0, got {value}", param_hint=f"--{name}")
+        return value
+
+    return check
+
+
+def apply(options: list[Callable]) -> Callable:
+    """Decorate a command with `options`, listed in the order --help shows them."""
+    return lambda command: functools.reduce(lambda c, option: option(c), reversed(options), command)
+
+
+DEVICE_OPTIONS = [
+    click.option("--device", default="auto", show_default=True,
+                 help="cpu, cuda, cuda:1, ... (auto: cuda when available)."),
+    click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
+                 help="Precision of the forward passes (autocast; the denoiser's weights)."),
+]
+
+DENOISER_OPTIONS = [
+    click.option("--denoiser-checkpoint",
+                 help="Hub id or local folder of the denoiser [if2: DeepFloyd/IF-II-L-v1.0; "
+                      "dds on digits: the bundled digits DDPM]."),
+    click.option("--prompt", default="", show_default=True,
+                 help="if2: text prompt; '{}' in it is filled with --token (e.g. "
+                      "'a photo of a {}.' with --token sks after `adapt personalize`)."),
+    click.option("--token", default="", help="if2: word put in the prompt's '{}'."),
+    click.option("--lora", type=click.Path(file_okay=False),
+                 help="if2: folder of LoRA weights from `adapt personalize`."),
+]
+
+
+def denoiser_choice(allow_none: bool) -> Callable:
+    names = denoisers.DENOISERS.names()
+    return click.option(
+        "--denoiser", type=click.Choice(["none", *names] if allow_none else names),
+        default="none" if allow_none else "dds", show_default=True,
+        help="Denoise before classifying (denoised smoothing): dds = one-shot diffusion "
+             "(Carlini et al.), if2 = DeepFloyd IF-II with timestep correction (Choi et al.).",
+    )
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when available; refuse a CUDA device this machine lacks."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = str(torch.device(device))
+    except RuntimeError as error:
+        raise click.BadParameter(str(error), param_hint="--device") from error
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def build_denoiser(options: dict[str, Any], sigma: float, k: float, device: str) -> torch.nn.Module:
+    """The denoiser named by --denoiser (not 'none') for this sigma, from the shared options."""
+    name = options["denoiser"]
+    built: dict[str, Any] = {"device": device, "dtype": options["dtype"]}
+    checkpoint = options["denoiser_checkpoint"]
+    if name == "dds" and checkpoint is None:
+        if options["dataset"] != "digits":
+            raise click.UsageError("--denoiser dds needs --denoiser-checkpoint (hub id or folder)")
+        checkpoint = str(denoisers.BUNDLED_DIGITS_DDPM)
+    if checkpoint is not None:
+        built["checkpoint"] = checkpoint
+    if name == "if2":
+        built.update(k=k, prompt=options["prompt"], token=options["token"], lora=options["lora"])
+    elif options["lora"] or options["prompt"] or options["token"]:
+        raise click.UsageError("--lora, --prompt and --token apply to --denoiser if2 only")
+    return denoisers.build_denoiser(name, sigma=sigma, **built)
