@@ -110,11 +110,12 @@ class ResultFile:
 
     @property
     def tsv(self) -> Path:
-        return self.stem.with_suffix(".tsv")
+        # with_name, not with_suffix: a stem such as "sigma0.25" has a dot of its own
+        return self.stem.with_name(self.stem.name + ".tsv")
 
     @property
     def sidecar(self) -> Path:
-        return self.stem.with_suffix(".json")
+        return self.stem.with_name(self.stem.name + ".json")
 
     def open(self, extra: dict[str, Any]) -> None:
         """Check the folder, then start fresh, resume, or refuse. Changes nothing when refusing."""
@@ -207,7 +208,7 @@ class ResultFile:
         return rows
 
     def _write_sidecar(self, record: dict[str, Any]) -> None:
-        temporary = self.sidecar.with_suffix(".json.tmp")
+        temporary = self.sidecar.with_name(self.sidecar.name + ".tmp")
         temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         temporary.replace(self.sidecar)
 
@@ -254,7 +255,8 @@ def run(
             bar.update(1)
             bar.set_postfix_str(
                 f"{'certified' if settings.mode == 'certify' else 'smoothed'} acc "
-                f"{correct / processed:.3f}"
+                f"{correct / processed:.3f}",
+                refresh=False,  # the bar redraws at its own pace, not once per image
             )
         finished = True
     finally:

@@ -75,6 +75,15 @@ def test_rows_have_cohens_columns_and_sidecar_records_settings(tmp_path):
     assert record["rows"] == 8 and "torch" in record["versions"]
 
 
+def test_a_dot_in_the_stem_is_kept_in_the_file_names(tmp_path):
+    # "sigma0.25" must not lose ".25" as if it were a file extension
+    results = certify_all(tmp_path / "digits_sigma0.25")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "digits_sigma0.25.json", "digits_sigma0.25.tsv"
+    ]
+    assert results.tsv == tmp_path / "digits_sigma0.25.tsv"
+
+
 def test_same_seed_gives_identical_rows(tmp_path):
     first = certify_all(tmp_path / "a")
     second = certify_all(tmp_path / "b")
