@@ -23,6 +23,11 @@ and a "{}" in it is replaced by `token` (default ""): "" (the reference code's d
 embedding is computed once with the pipeline's `encode_prompt`, without classifier-free
 guidance (the reference runs with guidance off); the T5 encoder is then released.
 
+Training (`adapt`): `load_if2` loads the UNet, scheduler and the once-computed prompt
+embedding the same way for personalization and classifier fine-tuning, and
+`denoise_at_timesteps` is Eq. 9 with a timestep drawn per image (Algorithm 2), sharing
+`predict_noise` (the UNet call) with the denoiser.
+
 Resolution: images are denoised at their own size, as the reference code feeds 224 x 224
 crops straight to IF-II (trained at 256 x 256; the UNet is convolutional). A size that
 is not a multiple of the UNet's downsampling factor, which IF-II's up blocks cannot
@@ -35,7 +40,7 @@ from __future__ import annotations
 import gc
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import DDPMScheduler, IFSuperResolutionPipeline, UNet2DConditionModel
@@ -59,6 +64,149 @@ def format_prompt(prompt: str, token: str = "") -> str:
     if token:
         raise ValueError(f"token {token!r} given but prompt {prompt!r} has no {{}} placeholder")
     return prompt
+
+
+class IF2Parts(NamedTuple):
+    """What the denoiser (and `adapt`'s training) needs of an IF-II pipeline."""
+
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+    prompt_embeds: torch.Tensor  # [1, L, D], in the UNet's dtype, on the target device
+    info: dict[str, Any]
+
+
+def load_if2(
+    checkpoint: str | Path = DEFAULT_CHECKPOINT,
+    *,
+    prompt: str = "",
+    token: str = "",
+    lora: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    variant: str | None = None,
+) -> IF2Parts:
+    """Load an IFSuperResolutionPipeline (hub id or save_pretrained directory), optionally
+    with LoRA weights, embed the prompt once and release the text encoder.
+
+    The UNet is returned on the CPU (callers move it); the prompt embedding is on `device`.
+    """
+    torch_dtype = parse_dtype(dtype)
+    text = format_prompt(prompt, token)
+    device = torch.device(device)
+
+    def load(path: str) -> IFSuperResolutionPipeline:
+        return IFSuperResolutionPipeline.from_pretrained(
+            path,
+            use_safetensors=True,
+            **dtype_kwargs(torch_dtype),
+            variant=variant,
+            # Only the UNet, schedulers and text encoder are needed.
+            safety_checker=None,
+            feature_extractor=None,
+            watermarker=None,
+            requires_safety_checker=False,
+        )
+
+    name = str(checkpoint)
+    pipeline = load_checkpoint(
+        load, checkpoint, what="IF-II model", how_to_get=_HOW_TO_GET_IF.format(name=name)
+    )
+    if pipeline.unet.dtype != torch_dtype:
+        raise RuntimeError(f"asked for a {torch_dtype} UNet, got {pipeline.unet.dtype}")
+    if pipeline.text_encoder is None or pipeline.tokenizer is None:
+        raise ValueError(f"{name} has no text encoder/tokenizer to embed the prompt with")
+    if lora is not None:
+        load_checkpoint(pipeline.load_lora_weights, lora, what="LoRA weights")
+
+    # Embed once, on the target device, then drop T5 (the largest part of IF-II)
+    # before the UNet moves there, so the two never share the device's memory.
+    pipeline.text_encoder.to(device)
+    with torch.no_grad():
+        prompt_embeds, _ = pipeline.encode_prompt(
+            text, do_classifier_free_guidance=False, device=device
+        )
+    unet, scheduler = pipeline.unet, pipeline.scheduler
+    del pipeline
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    info = {
+        "checkpoint": name,
+        "prompt_template": prompt,
+        "token": token,
+        "prompt": text,
+        "lora": None if lora is None else str(lora),
+        "variant": variant,
+    }
+    return IF2Parts(unet, scheduler, prompt_embeds, info)
+
+
+def predict_noise(
+    unet: UNet2DConditionModel,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+) -> torch.Tensor:
+    """IF-II's noise estimate for states x_t that are their own low-resolution condition.
+
+    The UNet sees [x_t, x_t] on the channel axis (Eq. 9's self-conditioning), the
+    timesteps, the one prompt embedding [1, L, D] (expanded, not copied) and the
+    condition's noise levels t' as `class_labels`. Returns the noise channels only (IF-II
+    also predicts a variance), in the UNet's output dtype.
+    """
+    batch, channels = x_t.shape[:2]
+    out = unet(
+        torch.cat([x_t, x_t], dim=1),  # x_t and the condition are the same image
+        timesteps,
+        encoder_hidden_states=prompt_embeds.expand(batch, -1, -1),
+        class_labels=class_labels,
+        return_dict=False,
+    )[0]
+    return out[:, :channels]  # the rest is the learned variance
+
+
+def corrected_timesteps(
+    timesteps: torch.Tensor, k: float, num_train_timesteps: int
+) -> torch.Tensor:
+    """Eq. 8 for each timestep of a batch (`corrected_timestep`: floor, clamp to T - 1)."""
+    values = [corrected_timestep(int(t), k, num_train_timesteps) for t in timesteps.tolist()]
+    return torch.tensor(values, dtype=torch.long, device=timesteps.device)
+
+
+def denoise_at_timesteps(
+    unet: UNet2DConditionModel,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    alphas_cumprod: torch.Tensor,
+    k: float = 1.8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 9 at a timestep per image, differentiable: (noise estimate, denoised image).
+
+    `x_t` [B, C, H, W] are diffusion states sqrt(a_t) x + sqrt(1 - a_t) eps of images x
+    in [-1, 1] (Eq. 5), `timesteps` [B] their t. The condition is x_t itself at level
+    t' = k t (Eq. 8, as `IF2Denoiser`); the estimate is x_t / sqrt(a_t) - sqrt((1 - a_t) /
+    a_t) * eps_hat (Eq. 9 with the noise level of t), clipped to [-1, 1] and mapped to
+    [0, 1]. This is `IF2Denoiser` for a timestep drawn per image, as `adapt`'s training
+    needs it (Algorithm 2, lines 10-12). Returns eps_hat [B, C, H, W] (noise channels)
+    and the estimate, both float32.
+    """
+    if x_t.dim() != 4 or timesteps.shape != x_t.shape[:1]:
+        raise ValueError(
+            f"expected x_t [B, C, H, W] and timesteps [B], got {tuple(x_t.shape)} and "
+            f"{tuple(timesteps.shape)}"
+        )
+    alphas = torch.as_tensor(alphas_cumprod).to(device=x_t.device, dtype=torch.float32)
+    labels = corrected_timesteps(timesteps, k, alphas.numel())
+    padded, crop = pad_to_multiple(x_t, 2 ** (len(unet.config.down_block_types) - 1))
+    eps = predict_noise(unet, padded.to(unet.dtype), timesteps, labels, prompt_embeds)
+    eps = crop(eps.float())
+    a = alphas[timesteps].view(-1, 1, 1, 1)
+    x0 = x_t.float() / a.sqrt() - ((1.0 - a) / a).sqrt() * eps
+    return eps, ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 class IF2Denoiser(Denoiser):
@@ -123,55 +271,15 @@ class IF2Denoiser(Denoiser):
         variant: str | None = None,
     ) -> IF2Denoiser:
         """Load an IFSuperResolutionPipeline (hub id or save_pretrained directory)."""
-        torch_dtype = parse_dtype(dtype)
-        text = format_prompt(prompt, token)
-        device = torch.device(device)
-
-        def load(path: str) -> IFSuperResolutionPipeline:
-            return IFSuperResolutionPipeline.from_pretrained(
-                path,
-                use_safetensors=True,
-                **dtype_kwargs(torch_dtype),
-                variant=variant,
-                # Only the UNet, schedulers and text encoder are needed.
-                safety_checker=None,
-                feature_extractor=None,
-                watermarker=None,
-                requires_safety_checker=False,
-            )
-
-        name = str(checkpoint)
-        pipeline = load_checkpoint(
-            load, checkpoint, what="IF-II model", how_to_get=_HOW_TO_GET_IF.format(name=name)
+        unet, scheduler, prompt_embeds, info = load_if2(
+            checkpoint,
+            prompt=prompt,
+            token=token,
+            lora=lora,
+            device=device,
+            dtype=dtype,
+            variant=variant,
         )
-        if pipeline.unet.dtype != torch_dtype:
-            raise RuntimeError(f"asked for a {torch_dtype} UNet, got {pipeline.unet.dtype}")
-        if pipeline.text_encoder is None or pipeline.tokenizer is None:
-            raise ValueError(f"{name} has no text encoder/tokenizer to embed the prompt with")
-        if lora is not None:
-            load_checkpoint(pipeline.load_lora_weights, lora, what="LoRA weights")
-
-        # Embed once, on the target device, then drop T5 (the largest part of IF-II)
-        # before the UNet moves there, so the two never share the device's memory.
-        pipeline.text_encoder.to(device)
-        with torch.no_grad():
-            prompt_embeds, _ = pipeline.encode_prompt(
-                text, do_classifier_free_guidance=False, device=device
-            )
-        unet, scheduler = pipeline.unet, pipeline.scheduler
-        del pipeline
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-        info = {
-            "checkpoint": name,
-            "prompt_template": prompt,
-            "token": token,
-            "prompt": text,
-            "lora": None if lora is None else str(lora),
-            "variant": variant,
-        }
         return cls(unet, scheduler, prompt_embeds, sigma, k=k, info=info).to(device)
 
     def at(self, sigma: float, k: float | None = None) -> IF2Denoiser:
@@ -188,14 +296,13 @@ class IF2Denoiser(Denoiser):
         x_hat = 2.0 * noisy.float() - 1.0  # [-1, 1] space: the noise is now 2 * sigma
         x_hat, crop = pad_to_multiple(x_hat, self.size_multiple)
         x_t = (self.sqrt_alpha * x_hat).to(self.unet.dtype)
-        out = self.unet(
-            torch.cat([x_t, x_t], dim=1),  # x_t and the condition are the same image
+        eps = predict_noise(
+            self.unet,
+            x_t,
             self._timestep.expand(batch),
-            encoder_hidden_states=self.prompt_embeds.expand(batch, -1, -1),
-            class_labels=self._class_label.expand(batch),
-            return_dict=False,
-        )[0]
-        eps = out[:, :channels].float()  # the rest is the learned variance
+            self._class_label.expand(batch),
+            self.prompt_embeds,
+        ).float()
         x0 = crop(x_hat - self.schedule_noise_level * eps)
         return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
 

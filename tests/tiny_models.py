@@ -211,3 +211,72 @@ def go_offline(monkeypatch, cache_dir: str | Path) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(cache_dir))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache_dir))
+
+
+def tiny_if1_components(*, seed: int = 0) -> dict:
+    """The components of a tiny `IFPipeline` (DeepFloyd IF-I's structure: 3 input channels,
+    6 output channels = noise + learned variance, T5 text cross-attention, no class
+    embedding), sharing the tiny T5 encoder and tokenizer of `tiny_if2_components`."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    components = tiny_if2_components(seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,  # IF-I-XL: 64
+        in_channels=3,
+        out_channels=6,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=32,
+        encoder_hid_dim=T5_DIM,
+        attention_head_dim=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+        mid_block_scale_factor=1.414,
+        time_embedding_act_fn="gelu",
+        time_embedding_dim=16,
+    ).eval()
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        thresholding=True,
+        dynamic_thresholding_ratio=0.95,
+        sample_max_value=1.5,
+        prediction_type="epsilon",
+        variance_type="learned_range",
+    )
+    components.update(unet=unet, scheduler=scheduler)
+    del components["image_noising_scheduler"]
+    return components
+
+
+def save_tiny_if1(directory: str | Path, *, seed: int = 0) -> Path:
+    """Save a tiny IF-I (`IFPipeline`) with `save_pretrained` (safetensors); return its folder."""
+    from diffusers import IFPipeline
+
+    directory = Path(directory)
+    pipeline = IFPipeline(**tiny_if1_components(seed=seed), requires_safety_checker=False)
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def one_thread():
+    """A generator for a module-scoped fixture: torch on one thread, restored afterwards.
+
+    The tiny models gain nothing from intra-op threads, and on a busy machine with few
+    cores the threads of torch's pool wait on each other (a step of a few milliseconds
+    then takes seconds).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,523 @@
+"""Classifier-guided DreamBooth personalization of DeepFloyd IF-II (Choi et al. 2024, Sec. 3.2).
+
+Fine-tunes LoRA adapters of the IF-II UNet on a reference set D^g with the prompt
+C(token) (Eq. 10-12, Algorithm 2 lines 6-16). For a batch of references x in [-1, 1]
+with labels c, timesteps t and noise eps:
+
+    x_t     = sqrt(a_t) x + sqrt(1 - a_t) eps                         (Eq. 5)
+    eps_hat = UNet([x_t, x_t], t, tau(C(token)), class_labels = k t)  (x_t conditions itself)
+    L_diff  = mean (eps - eps_hat)^2                                  (Eq. 10, DreamBooth)
+    x~      = x_t / sqrt(a_t) - sqrt((1 - a_t) / a_t) eps_hat         (Eq. 9 at t), in [0, 1]
+    L_clf   = CE(f(x~), c)                                            (Eq. 11, f frozen)
+    loss    = L_diff + lam * L_clf                                    (Eq. 12)
+
+The text encoder and the classifier stay frozen; the prompt embedding is computed once
+and T5 released. The result is a folder `certify --denoiser if2 --lora OUT --prompt
+PROMPT --token TOKEN` loads (`pytorch_lora_weights.safetensors`, saved with the IF-II
+pipeline's `save_lora_weights`), with `adapt_config.json` (settings, final losses, the
+denoiser options for certify), `loss_log.tsv`, `loss_curve.png` and `checkpoints/`.
+
+Choices, checked against the paper's code (ChoiDae1/robustify-T2I,
+`self_personalization.py` and `scripts/self_personalization.sh`; read, not copied):
+- t ~ U{0, ..., T-1}, one per image, as the reference (`randint(0, T)`, diffusers'
+  DreamBooth); the paper writes U([0, T]).
+- No prior preservation: the reference runs without it (its flag is off).
+- The condition's level t' = floor(k t) clamped to T - 1, the rule the denoiser uses at
+  certification (`denoisers.timesteps.corrected_timestep`); the reference feeds the
+  float k t clamped to T, less than one step away.
+- Eq. 9 clips the estimate to [-1, 1] before mapping it to [0, 1] for the classifier:
+  the reference's scheduler step applies IF-II's dynamic thresholding, which is this
+  clip (sample_max_value 1).
+- L_diff covers the noise channels only (IF-II also predicts a variance, left
+  untrained, as in the reference and diffusers' DreamBooth); both losses are batch
+  means, as in the reference (lam = 0.01 is calibrated for that scale).
+- Optimizer and schedule: AdamW (betas 0.9/0.999, weight decay 1e-2, eps 1e-8) over the
+  LoRA parameters only, gradient norm clipped at 1, cosine decay without warm-up: the
+  reference's settings (diffusers' DreamBooth defaults with `--lr_scheduler cosine`).
+- Batches of `batch_size` references, capped at the size of the set (the reference's
+  data loader never repeats an image in a batch), cut from a stream of shuffled epochs.
+  The paper's 24 was 6 per GPU on 4 GPUs.
+- Images are resized to `resolution` (default: the UNet's sample size, 256 for IF-II-L;
+  the reference trains at the evaluation set's size, 224 for most sets, 96 for STL-10).
+- LoRA: peft adapters of rank r (alpha = r) on the attention projections, IF's added
+  key/value projections included; the reference's diffusers-0.2x LoRA attention
+  processors (rank 4) adapt the same layers.
+- lam = 0 is plain DreamBooth: the classifier is then neither built nor called.
+
+Single process, one device. Randomness: batch order, timesteps and noise of step s come
+from generators seeded by (seed, s) (`adapt.training.step_generator`), drawn on the CPU,
+so a resumed run repeats an uninterrupted one exactly (on the same device and software).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adapt.errors import AdaptError
+from adapt.training import (
+    STREAM_STEP,
+    RunFolder,
+    load_into,
+    make_accelerator,
+    plot_loss_curve,
+    progress_bar,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    step_generator,
+    stream_batch,
+)
+
+CONFIG_NAME = "adapt_config.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+LR_SCHEDULERS = ("cosine", "constant")
+LOG_COLUMNS = ["step", "loss", "L_diff", "L_clf", "lr", "seconds"]
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Settings that do not change the result: a run may resume with other values of these.
+NOT_RESULT_SETTINGS = ("overwrite", "device", "checkpoint_every", "gradient_checkpointing")
+
+
+@dataclass
+class PersonalizeConfig:
+    """Settings of `personalize` (defaults: the paper's, Appendix A.4).
+
+    references: reference set folder (`adapt synthesize` output or an ImageFolder tree).
+    out: output folder for the LoRA weights.
+    checkpoint: IF-II pipeline, hub id or save_pretrained folder.
+    classifier, classifier_options: the frozen classifier of L_clf, built with
+        `classifiers.build_classifier(classifier, class_names=<the set's classes>, ...)`.
+    token, prompt: the conditioning text is `prompt` with "{}" replaced by `token`.
+    k: timestep correction factor (Eq. 8). lam: weight of L_clf (Eq. 12).
+    steps, lr, batch_size, rank: optimizer steps, learning rate, images per step, LoRA rank.
+    checkpoint_every: save resumable state every N steps (0: never).
+    mixed_precision: "no", "fp16" or "bf16" (frozen weights in that dtype, LoRA in fp32).
+    gradient_checkpointing, use_8bit_adam: memory savers (8-bit AdamW needs bitsandbytes).
+    resolution: training size (None: the UNet's sample size).
+    overwrite: replace a folder holding another run.
+    lr_scheduler, max_grad_norm, weight_decay: the reference implementation's values.
+    """
+
+    references: str
+    out: str
+    checkpoint: str = "DeepFloyd/IF-II-L-v1.0"
+    classifier: str = "clip-b32"
+    classifier_options: dict[str, Any] = field(default_factory=dict)
+    token: str = "sks"
+    prompt: str = "a photo of a {}."
+    k: float = 1.8
+    lam: float = 0.01
+    steps: int = 500
+    lr: float = 1e-4
+    batch_size: int = 24
+    rank: int = 4
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    resolution: int | None = None
+    overwrite: bool = False
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 1e-2
+
+    def validate(self) -> None:
+        """Raise `AdaptError` for a setting no run could use."""
+        from adapt.references import check_template
+
+        if not str(self.references).strip():
+            raise AdaptError("references: give the reference set folder")
+        if not str(self.out).strip():
+            raise AdaptError("out: give an output folder")
+        _check_number("lam", self.lam, minimum=0.0)
+        _check_number("k", self.k, minimum=0.0)
+        _check_number("lr", self.lr, minimum=0.0, strict=True)
+        _check_number("weight_decay", self.weight_decay, minimum=0.0)
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
+        _check_int("steps", self.steps, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("rank", self.rank, minimum=1)
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        if self.resolution is not None:
+            _check_int("resolution", self.resolution, minimum=1)
+        if self.mixed_precision not in WEIGHT_DTYPES:
+            raise AdaptError(
+                f"mixed_precision must be one of {', '.join(WEIGHT_DTYPES)}, "
+                f"got {self.mixed_precision!r}"
+            )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise AdaptError(
+                f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"
+            )
+        if not isinstance(self.classifier_options, dict):
+            raise AdaptError("classifier_options must be a dict of builder options")
+        check_template(self.prompt)  # the token must have a place in the prompt
+        if self.use_8bit_adam:
+            _bitsandbytes()
+
+
+def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise AdaptError(f"{name} must be a finite number {relation} {minimum:g}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise AdaptError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _bitsandbytes() -> Any:
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise AdaptError(
+            "use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes, CUDA "
+            "only), which is not installed; run without --use-8bit-adam"
+        ) from error
+    return bitsandbytes
+
+
+def result_settings(config: Any) -> dict[str, Any]:
+    """The settings that decide a run's result (compared when resuming), paths resolved."""
+    settings = dataclasses.asdict(config)
+    for name in NOT_RESULT_SETTINGS:
+        settings.pop(name, None)
+    for name in ("references", "checkpoint", "denoiser_checkpoint", "lora"):
+        value = settings.get(name)
+        if value and Path(str(value)).expanduser().exists():
+            settings[name] = str(Path(str(value)).expanduser().resolve())
+    return settings
+
+
+# -- the model pieces -------------------------------------------------------------------
+
+
+def add_lora(unet: torch.nn.Module, rank: int) -> dict[str, torch.nn.Parameter]:
+    """Freeze the UNet and attach trainable LoRA adapters; return them by name.
+
+    peft's "gaussian" initialisation: A ~ N(0, 1/r), B = 0, so the adapted UNet starts
+    as the pretrained one. Trainable weights are kept in float32 (the frozen ones may be
+    16-bit), as diffusers' training scripts do.
+    """
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            init_lora_weights="gaussian",
+            target_modules=LORA_TARGET_MODULES,
+        )
+    )
+    cast_training_params(unet, dtype=torch.float32)
+    trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    if not trainable or not all("lora_" in name for name in trainable):
+        raise RuntimeError("LoRA injection left no adapter or other trainable weights")
+    return trainable
+
+
+def build_frozen_classifier(
+    name: str, class_names: list[str], options: dict[str, Any], device: torch.device
+) -> torch.nn.Module:
+    """The classifier `name` for these classes, on `device`, in eval mode, without gradients."""
+    import classifiers  # noqa: F401  (registers the builders)
+    from classifiers import registry
+
+    options = dict(options)
+    if registry.CLASSIFIERS.accepts(name, "device"):
+        options.setdefault("device", str(device))
+    classifier = registry.build_classifier(name, class_names=class_names, **options)
+    classifier = classifier.to(device).eval()
+    classifier.requires_grad_(False)
+    return classifier
+
+
+def personalization_losses(
+    unet: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    scheduler: Any,
+    prompt_embeds: torch.Tensor,
+    k: float,
+    classifier: torch.nn.Module | None = None,
+    lam: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss, L_diff, L_clf) of Eq. 10-12 for one batch; L_clf is None when lam = 0.
+
+    `images` are references in [-1, 1], `timesteps` and `noise` the draws of Algorithm 2
+    lines 8-9, `scheduler` the IF-II DDPMScheduler (its alphas_cumprod).
+    """
+    from denoisers.if2 import denoise_at_timesteps
+
+    x_t = scheduler.add_noise(images, noise, timesteps)  # Eq. 5
+    eps_hat, denoised = denoise_at_timesteps(
+        unet, x_t, timesteps, prompt_embeds, alphas_cumprod=scheduler.alphas_cumprod, k=k
+    )
+    l_diff = F.mse_loss(eps_hat, noise.float())  # Eq. 10
+    if lam == 0:
+        return l_diff, l_diff, None
+    if classifier is None:
+        raise ValueError("lam > 0 needs a classifier")
+    l_clf = F.cross_entropy(classifier(denoised).float(), labels)  # Eq. 11
+    return l_diff + lam * l_clf, l_diff, l_clf  # Eq. 12
+
+
+def make_optimizer(
+    parameters: list[torch.nn.Parameter], *, lr: float, weight_decay: float, use_8bit: bool
+) -> torch.optim.Optimizer:
+    adamw = _bitsandbytes().optim.AdamW8bit if use_8bit else torch.optim.AdamW
+    return adamw(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, steps: int) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
+
+
+def load_batch(references: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [B, 3, H, W] in [0, 1] and labels [B] of these references."""
+    items = [references[i] for i in indices]
+    images = torch.stack([image for image, _ in items])
+    labels = torch.tensor([int(label) for _, label in items], dtype=torch.long)
+    return images, labels
+
+
+def save_lora(unet: torch.nn.Module, out: Path) -> Path:
+    """Save the UNet's LoRA weights (float32) as the IF-II pipeline's LoRA file, atomically."""
+    from diffusers import IFSuperResolutionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    state = {
+        name: tensor.detach().to("cpu", torch.float32).contiguous()
+        for name, tensor in get_peft_model_state_dict(unet).items()
+    }
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".lora."))
+    try:
+        IFSuperResolutionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=state, safe_serialization=True
+        )
+        os.replace(tmp / LORA_WEIGHTS, out / LORA_WEIGHTS)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / LORA_WEIGHTS
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
+    """Train LoRA adapters of IF-II on the references (Eq. 12); return the output folder.
+
+    Resumes from the folder's last checkpoint when it holds an unfinished run with the
+    same settings, returns at once when that run is complete, and refuses (AdaptError,
+    nothing changed) a folder holding another run unless `config.overwrite`.
+    """
+    from adapt.references import load_reference_set
+    from denoisers import if2
+
+    config.validate()
+    references = load_reference_set(config.references)  # bad input fails before any change
+    folder = RunFolder(
+        config.out,
+        kind="personalize",
+        config_name=CONFIG_NAME,
+        weights_name=LORA_WEIGHTS,
+        settings=result_settings(config),
+        overwrite=config.overwrite,
+    )
+    start = folder.open()
+    if start.complete:
+        return folder.out
+
+    device = torch.device(config.device)
+    accelerator = make_accelerator(config.mixed_precision, device)
+    seed_everything(config.seed)
+    parts = if2.load_if2(
+        config.checkpoint,
+        prompt=config.prompt,
+        token=config.token,
+        device=device,
+        dtype=WEIGHT_DTYPES[config.mixed_precision],
+    )
+    unet, scheduler, prompt_embeds = parts.unet.to(device), parts.scheduler, parts.prompt_embeds
+    multiple = 2 ** (len(unet.config.down_block_types) - 1)
+    resolution = config.resolution or int(unet.config.sample_size)
+    if resolution % multiple:
+        raise AdaptError(
+            f"resolution {resolution} is not a multiple of {multiple}, which this UNet needs"
+        )
+    references = load_reference_set(config.references, size=resolution)
+    batch_size = min(config.batch_size, len(references))
+
+    seed_everything(config.seed)  # the LoRA initialisation
+    lora = add_lora(unet, config.rank)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    classifier = None
+    if config.lam > 0:
+        classifier = build_frozen_classifier(
+            config.classifier, list(references.classes), config.classifier_options, device
+        )
+    optimizer = make_optimizer(
+        list(lora.values()),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        use_8bit=config.use_8bit_adam,
+    )
+    lr_scheduler = make_lr_scheduler(optimizer, config.lr_scheduler, config.steps)
+    optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16
+
+    if start.checkpoint is not None:
+        weights, state = folder.checkpoints.load(start.checkpoint)
+        load_into(lora, weights)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+
+    log = _loss_log(folder, start.step)
+    folder.write_record(
+        resolution=resolution,
+        batch_size=batch_size,
+        classes=list(references.classes),
+        num_references=len(references),
+        prompt_text=parts.info["prompt"],
+        trainable_parameters=sum(p.numel() for p in lora.values()),
+    )
+    num_timesteps = int(scheduler.config.num_train_timesteps)
+    last: dict[str, Any] = {}
+    bar = progress_bar(config.steps, start.step, "personalize", progress)
+    try:
+        for step in range(start.step, config.steps):
+            began = time.perf_counter()
+            indices = stream_batch(config.seed, step, batch_size, len(references))
+            images, labels = load_batch(references, indices)
+            generator = step_generator(config.seed, STREAM_STEP, step)
+            timesteps = torch.randint(0, num_timesteps, (len(indices),), generator=generator)
+            noise = torch.randn(images.shape, generator=generator)
+            with accelerator.autocast():
+                loss, l_diff, l_clf = personalization_losses(
+                    unet,
+                    (2.0 * images - 1.0).to(device),
+                    labels.to(device),
+                    timesteps.to(device),
+                    noise.to(device),
+                    scheduler=scheduler,
+                    prompt_embeds=prompt_embeds,
+                    k=config.k,
+                    classifier=classifier,
+                    lam=config.lam,
+                )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step + 1} (L_diff={float(l_diff)}, "
+                    f"L_clf={None if l_clf is None else float(l_clf)}); lower the learning rate "
+                    "or use mixed_precision='bf16' instead of fp16"
+                )
+            accelerator.backward(loss)
+            if config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(list(lora.values()), config.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            last = {
+                "step": done,
+                "loss": float(loss.detach()),
+                "L_diff": float(l_diff.detach()),
+                "L_clf": float("nan") if l_clf is None else float(l_clf.detach()),
+                "lr": lr,
+                "seconds": time.perf_counter() - began,
+            }
+            log.append(last)
+            bar.update(1)
+            postfix = {"L_diff": f"{last['L_diff']:.4f}"}
+            if l_clf is not None:
+                postfix["L_clf"] = f"{last['L_clf']:.4f}"
+            bar.set_postfix(postfix)
+            every = config.checkpoint_every
+            if every and done % every == 0 and done < config.steps:
+                folder.checkpoints.save(
+                    done,
+                    lora,
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict(),
+                        "scaler": None
+                        if accelerator.scaler is None
+                        else accelerator.scaler.state_dict(),
+                        "rng": rng_state(),
+                    },
+                )
+                plot_loss_curve(log, folder.loss_curve_path, ["loss", "L_diff", "L_clf"])
+    finally:
+        bar.close()
+
+    save_lora(unet, folder.out)
+    plot_loss_curve(
+        log, folder.loss_curve_path, ["loss", "L_diff", "L_clf"], title="adapt personalize"
+    )
+    folder.finish(
+        final=_final_losses(log),
+        certify={
+            "denoiser": "if2",
+            "denoiser_checkpoint": config.checkpoint,
+            "lora": str(folder.out),
+            "prompt": config.prompt,
+            "token": config.token,
+            "k": config.k,
+        },
+    )
+    return folder.out
+
+
+def _loss_log(folder: RunFolder, step: int) -> Any:
+    from adapt.training import LossLog
+
+    log = LossLog(folder.loss_log_path, LOG_COLUMNS)
+    log.start(step)
+    return log
+
+
+def _final_losses(log: Any, window: int = 10) -> dict[str, Any]:
+    """The last step's losses, and their means over the last `window` steps."""
+    rows = log.read()
+    if not rows:
+        return {}
+    columns = [c for c in log.columns if c not in ("step", "lr", "seconds")]
+    final: dict[str, Any] = {"step": int(rows[-1]["step"])}
+    for column in columns:
+        values = [float(r[column]) for r in rows[-window:] if r.get(column) not in (None, "")]
+        values = [v for v in values if math.isfinite(v)]
+        final[column] = float(rows[-1][column]) if rows[-1].get(column) else None
+        if final[column] is not None and not math.isfinite(final[column]):
+            final[column] = None
+        final[f"{column}_mean_last_{window}"] = sum(values) / len(values) if values else None
+    return final
