@@ -1,0 +1,513 @@
+"""Classifier fine-tuning on denoised references (Choi et al. 2024, Sec. 3.2, Eq. 13).
+
+Minimizes L_clf(theta*, psi) over the classifier's weights psi with the denoiser theta*
+frozen (Algorithm 2, lines 6-12 and 17). For a batch of references x in [0, 1] with
+labels c and noise eps:
+
+    random timesteps (Algorithm 2, the default):
+        t ~ U{0, ..., T-1} per image,  x_t = sqrt(a_t) (2x - 1) + sqrt(1 - a_t) eps   (Eq. 5)
+    given noise levels (`sigmas`, e.g. the sigmas you will certify at):
+        sigma ~ U(sigmas) per image, t = timestep_for_sigma(2 sigma) (Eq. 6),
+        x_t = sqrt(a_t) (2 (x + sigma eps) - 1)   -- exactly what `certify` feeds IF-II
+    x~    = Eq. 9 at t (IF-II, `denoisers.if2.denoise_at_timesteps`), in [0, 1]
+    L_clf = CE(f_psi(x~), c)                                                  (Eq. 13)
+
+The denoiser is IF-II, optionally with the LoRA of `adapt personalize` and its prompt,
+loaded by `denoisers.if2.load_if2` exactly as `certify --denoiser if2` loads it. The
+one-step diffusion denoiser (`denoiser="dds"`, e.g. the bundled digits DDPM for the
+`digits-*` CNNs) works with given `sigmas` only; references are then converted to the
+denoiser's channel count (grey = mean of RGB) and `resolution`.
+
+Classifiers: any registered one. CLIP (`clip-*`): both encoders are tuned; every step
+rebuilds the class embeddings from the text encoder being tuned (the mean over the
+prompt templates of the normalized text embeddings, with gradients), so the text
+tower learns through the zero-shot head; CLIP's temperature `logit_scale` stays fixed.
+torchvision ResNets and the digits CNN: all weights, in train mode (batch norm updates
+its statistics, as the reference does).
+
+Output folder: `classifier.safetensors` (the state dict of the network, `classifier.model`
+for CLIP and torchvision, the CNN itself for digits: what `--classifier-weights` loads;
+for CLIP, loading rebuilds the class embeddings from the tuned text tower because the
+embedding cache is keyed by the text tower's weights), `finetune_config.json` (settings,
+final losses, the `certify` options), `loss_log.tsv`, `loss_curve.png`, `checkpoints/`.
+
+Choices, checked against the paper's code (ChoiDae1/robustify-T2I,
+`classifier_finetuning.py`, `scripts/classifier_finetuning.sh`; read, not copied):
+AdamW with weight decay 0, cosine decay to 0 without warm-up, no gradient clipping, the
+batch capped at the size of the reference set, timesteps `randint(0, T)` per image,
+IF-II run without gradients (only psi is optimized). The reference's CLIP text side is
+one template ("This is a photo of a {}"); here it is the classifier's own templates (the
+ones `certify` will use), which `templates` can replace. Batches are cut from a stream
+of seeded shuffled epochs (`adapt.training.stream_batch`), so every batch is full;
+steps = epochs * ceil(references / batch size).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adapt.errors import AdaptError
+from adapt.personalize import (
+    LR_SCHEDULERS,
+    WEIGHT_DTYPES,
+    _check_int,
+    _check_number,
+    _final_losses,
+    load_batch,
+    make_lr_scheduler,
+    result_settings,
+)
+from adapt.training import (
+    STREAM_STEP,
+    LossLog,
+    RunFolder,
+    load_into,
+    make_accelerator,
+    plot_loss_curve,
+    progress_bar,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    step_generator,
+    stream_batch,
+)
+
+CONFIG_NAME = "finetune_config.json"
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+DENOISERS = ("if2", "dds")
+LOG_COLUMNS = ["step", "epoch", "L_clf", "accuracy", "lr", "seconds"]
+PLOT_COLUMNS = ["L_clf", "accuracy"]
+NOT_RESULT_SETTINGS = ("overwrite", "device", "checkpoint_every")
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of `finetune` (defaults: the paper's, Appendix A.4).
+
+    references: reference set folder (`adapt synthesize` output or an ImageFolder tree).
+    out: output folder for `classifier.safetensors`.
+    classifier, classifier_options: the classifier to tune, built with
+        `classifiers.build_classifier(classifier, class_names=<the set's classes>, ...)`.
+    templates: CLIP prompt templates (None: the classifier's own).
+    denoiser: "if2" (default) or "dds" (needs `sigmas`).
+    denoiser_checkpoint: the denoiser's weights (None: IF-II-L for if2; required for dds).
+    lora, prompt, token, k: IF-II's LoRA folder, prompt template, token and timestep
+        correction, as `certify --denoiser if2` takes them.
+    sigmas: noise levels in [0, 1] space to train at (None: random timesteps).
+    epochs, lr, batch_size: passes over the references, learning rate, images per step.
+    weight_decay, max_grad_norm, lr_scheduler: AdamW's decay, gradient clipping (None:
+        off), "cosine" or "constant".
+    resolution: training image size (None: the first reference's size).
+    denoise_batch_size: images per denoiser call (memory only).
+    checkpoint_every: save resumable state every N steps (0: never).
+    mixed_precision: "no", "fp16" or "bf16" (the frozen denoiser in that dtype, autocast).
+    overwrite: replace a folder holding another run.
+    """
+
+    references: str
+    out: str
+    classifier: str = "clip-b32"
+    classifier_options: dict[str, Any] = field(default_factory=dict)
+    templates: list[str] | None = None
+    denoiser: str = "if2"
+    denoiser_checkpoint: str | None = None
+    lora: str | None = None
+    prompt: str = ""
+    token: str = ""
+    k: float = 1.8
+    sigmas: list[float] | None = None
+    epochs: int = 10
+    lr: float = 5e-7
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    lr_scheduler: str = "cosine"
+    resolution: int | None = None
+    denoise_batch_size: int = 64
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    mixed_precision: str = "no"
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """Raise `AdaptError` for a setting no run could use."""
+        from denoisers.if2 import format_prompt
+
+        if not str(self.references).strip():
+            raise AdaptError("references: give the reference set folder")
+        if not str(self.out).strip():
+            raise AdaptError("out: give an output folder")
+        if self.denoiser not in DENOISERS:
+            raise AdaptError(
+                f"denoiser must be one of {', '.join(DENOISERS)}, got {self.denoiser!r}"
+            )
+        if self.denoiser == "dds":
+            if not self.sigmas:
+                raise AdaptError(
+                    "denoiser 'dds' has no per-image timestep path: give the noise levels "
+                    "to train at (sigmas, --sigmas 0.25,0.5)"
+                )
+            if not self.denoiser_checkpoint:
+                raise AdaptError("denoiser 'dds' needs denoiser_checkpoint (--denoiser-checkpoint)")
+            if self.lora or self.prompt or self.token:
+                raise AdaptError("lora, prompt and token apply to the if2 denoiser only")
+        _check_number("k", self.k, minimum=0.0)
+        _check_number("lr", self.lr, minimum=0.0, strict=True)
+        _check_number("weight_decay", self.weight_decay, minimum=0.0)
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
+        if self.sigmas is not None:
+            if not self.sigmas:
+                raise AdaptError("sigmas: give at least one noise level, or None")
+            for sigma in self.sigmas:
+                _check_number("every sigma", sigma, minimum=0.0, strict=True)
+        _check_int("epochs", self.epochs, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("denoise_batch_size", self.denoise_batch_size, minimum=1)
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        if self.resolution is not None:
+            _check_int("resolution", self.resolution, minimum=1)
+        if self.mixed_precision not in WEIGHT_DTYPES:
+            raise AdaptError(
+                f"mixed_precision must be one of {', '.join(WEIGHT_DTYPES)}, "
+                f"got {self.mixed_precision!r}"
+            )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise AdaptError(
+                f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"
+            )
+        if not isinstance(self.classifier_options, dict):
+            raise AdaptError("classifier_options must be a dict of builder options")
+        if self.templates is not None and not self.templates:
+            raise AdaptError("templates: give at least one prompt template, or None")
+        try:
+            format_prompt(self.prompt, self.token)
+        except ValueError as error:
+            raise AdaptError(str(error)) from error
+
+
+# -- the model pieces -------------------------------------------------------------------
+
+
+def build_trainable_classifier(
+    name: str,
+    class_names: list[str],
+    options: dict[str, Any],
+    device: torch.device,
+    templates: list[str] | None = None,
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(classifier, network): the classifier `name` for these classes, and the module whose
+    state dict is its weights file (`classifier.model`, or the classifier itself)."""
+    import classifiers  # noqa: F401  (registers the builders)
+    from classifiers import registry
+
+    options = dict(options)
+    if registry.CLASSIFIERS.accepts(name, "device"):
+        options.setdefault("device", str(device))
+    if templates is not None:
+        if not registry.CLASSIFIERS.accepts(name, "templates"):
+            raise AdaptError(f"templates apply to CLIP classifiers, not to {name!r}")
+        options["templates"] = list(templates)
+    classifier = registry.build_classifier(name, class_names=class_names, **options).to(device)
+    network = getattr(classifier, "model", classifier)
+    if not isinstance(network, torch.nn.Module):
+        raise AdaptError(f"classifier {name!r} has no network to fine-tune")
+    network.requires_grad_(True)
+    if is_zero_shot(classifier):
+        network.logit_scale.requires_grad_(False)  # CLIP's temperature stays as trained
+    return classifier, network
+
+
+def is_zero_shot(classifier: torch.nn.Module) -> bool:
+    """Whether the classifier has a text-made head (CLIP) rather than trained weights."""
+    return hasattr(classifier, "compute_class_embeddings")
+
+
+def classifier_logits(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits of images in [0, 1]; for CLIP with class embeddings from the current text
+    encoder, with gradients (the cached ones would be stale after the first step)."""
+    if is_zero_shot(classifier):
+        embeddings = classifier.compute_class_embeddings(grad=torch.is_grad_enabled())
+        return classifier(images, class_embeddings=embeddings)
+    return classifier(images)
+
+
+class FrozenDenoiser:
+    """The denoiser of Eq. 13: noise references, denoise them without gradients.
+
+    `draw(batch, generator)` draws the per-image timestep or noise level of Algorithm 2
+    (line 8) and `denoise(images, noise, draws)` returns x~ in [0, 1] (lines 10-12).
+    """
+
+    def __init__(self, config: FinetuneConfig, device: torch.device):
+        self.device = device
+        self.sigmas = None if config.sigmas is None else [float(s) for s in config.sigmas]
+        self.chunk = config.denoise_batch_size
+        self.kind = config.denoiser
+        dtype = WEIGHT_DTYPES[config.mixed_precision]
+        if self.kind == "if2":
+            from denoisers import if2
+
+            parts = if2.load_if2(
+                config.denoiser_checkpoint or if2.DEFAULT_CHECKPOINT,
+                prompt=config.prompt,
+                token=config.token,
+                lora=config.lora,
+                device=device,
+                dtype=dtype,
+            )
+            self.unet = parts.unet.to(device).eval().requires_grad_(False)
+            self.scheduler = parts.scheduler
+            self.prompt_embeds = parts.prompt_embeds
+            self.k = config.k
+            self.alphas = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float32)
+            self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
+            self.channels = int(self.unet.config.in_channels) // 2
+            self.info = parts.info
+            if self.sigmas is not None:
+                from denoisers.timesteps import timestep_for_sigma
+
+                self.sigma_timesteps = [
+                    timestep_for_sigma(self.scheduler.alphas_cumprod, 2 * s) for s in self.sigmas
+                ]
+        else:
+            from denoisers.dds import DDSDenoiser
+
+            assert self.sigmas is not None  # validate() checked it
+            first = DDSDenoiser.from_pretrained(
+                config.denoiser_checkpoint, sigma=self.sigmas[0], device=device, dtype=dtype
+            )
+            first.requires_grad_(False)
+            self.dds = [first] + [first.at(s).to(device) for s in self.sigmas[1:]]
+            self.channels = first.channels
+            self.info = {"checkpoint": config.denoiser_checkpoint}
+
+    def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Per image: a timestep (random mode) or an index into `sigmas`."""
+        high = self.num_timesteps if self.sigmas is None else len(self.sigmas)
+        return torch.randint(0, high, (batch,), generator=generator)
+
+    @torch.no_grad()
+    def denoise(
+        self, images: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor
+    ) -> torch.Tensor:
+        outputs = [
+            self._denoise(images[i : i + self.chunk], noise[i : i + self.chunk],
+                          draws[i : i + self.chunk])
+            for i in range(0, len(images), self.chunk)
+        ]
+        return torch.cat(outputs)
+
+    def _denoise(
+        self, images: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor
+    ) -> torch.Tensor:
+        images, noise = images.to(self.device), noise.to(self.device)
+        if self.kind == "dds":
+            out = torch.empty_like(images)
+            for index, denoiser in enumerate(self.dds):
+                chosen = draws == index
+                if chosen.any():
+                    noisy = images[chosen] + denoiser.sigma * noise[chosen]
+                    out[chosen] = denoiser(noisy, denoiser.sigma)
+            return out
+        from denoisers.if2 import denoise_at_timesteps
+
+        x = 2.0 * images - 1.0  # [-1, 1], the diffusion model's space
+        if self.sigmas is None:
+            timesteps = draws.to(self.device)
+            a = self.alphas.to(self.device)[timesteps].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x + (1.0 - a).sqrt() * noise  # Eq. 5
+        else:
+            chosen = draws.to(self.device)
+            sigma = torch.tensor(self.sigmas, device=self.device)[chosen]
+            timesteps = torch.tensor(self.sigma_timesteps, device=self.device)[chosen]
+            a = self.alphas.to(self.device)[timesteps].view(-1, 1, 1, 1)
+            # certify's input: x + sigma eps in [0, 1] -> 2 (.) - 1, scaled by sqrt(a_t)
+            x_t = a.sqrt() * (x + 2.0 * sigma.view(-1, 1, 1, 1) * noise)
+        _, denoised = denoise_at_timesteps(
+            self.unet, x_t, timesteps, self.prompt_embeds, alphas_cumprod=self.alphas, k=self.k
+        )
+        return denoised
+
+
+def fit_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """RGB references for a denoiser of `channels` channels (1: grey as the mean of RGB)."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 1:
+        return images.mean(dim=1, keepdim=True)
+    raise AdaptError(
+        f"cannot feed {images.shape[1]}-channel references to a {channels}-channel denoiser"
+    )
+
+
+def _reference_size(references: Any, resolution: int | None) -> int:
+    if resolution is not None:
+        return resolution
+    image, _ = references[0]
+    height, width = image.shape[-2:]
+    if height != width:
+        raise AdaptError(
+            f"reference {references.samples[0][0]} is {width}x{height}: give a square "
+            "training size (resolution, --resolution)"
+        )
+    return int(height)
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
+    """Fine-tune the classifier on denoised references (Eq. 13); return the output folder.
+
+    Resumes from the folder's last checkpoint when it holds an unfinished run with the
+    same settings, returns at once when that run is complete, and refuses (AdaptError,
+    nothing changed) a folder holding another run unless `config.overwrite`.
+    """
+    from adapt.references import load_reference_set
+    from classifiers.weights_io import save_classifier_weights
+
+    config.validate()
+    references = load_reference_set(config.references)  # bad input fails before any change
+    settings = result_settings(config)
+    for name in NOT_RESULT_SETTINGS:
+        settings.pop(name, None)
+    folder = RunFolder(
+        config.out,
+        kind="finetune",
+        config_name=CONFIG_NAME,
+        weights_name=CLASSIFIER_WEIGHTS,
+        settings=settings,
+        overwrite=config.overwrite,
+    )
+    folder.check()  # refuse another run's folder before spending time on models
+
+    device = torch.device(config.device)
+    seed_everything(config.seed)
+    classifier, network = build_trainable_classifier(
+        config.classifier, list(references.classes), config.classifier_options, device,
+        config.templates,
+    )
+    start = folder.open()
+    if start.complete:
+        return folder.out
+
+    accelerator = make_accelerator(config.mixed_precision, device)
+    denoiser = FrozenDenoiser(config, device)
+    size = _reference_size(references, config.resolution)
+    references = load_reference_set(config.references, size=size)
+    batch_size = min(config.batch_size, len(references))
+    steps_per_epoch = math.ceil(len(references) / batch_size)
+    total = config.epochs * steps_per_epoch
+
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8
+    )
+    lr_scheduler = make_lr_scheduler(optimizer, config.lr_scheduler, total)
+    optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16
+    weights = network.state_dict()  # tensors sharing storage with the network
+
+    if start.checkpoint is not None:
+        saved, state = folder.checkpoints.load(start.checkpoint)
+        load_into(weights, saved)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+
+    log = LossLog(folder.loss_log_path, LOG_COLUMNS)
+    log.start(start.step)
+    folder.write_record(
+        resolution=size,
+        batch_size=batch_size,
+        steps=total,
+        steps_per_epoch=steps_per_epoch,
+        classes=list(references.classes),
+        num_references=len(references),
+        templates=getattr(classifier, "templates", None),
+        denoiser_info=denoiser.info,
+        trainable_parameters=sum(p.numel() for p in trainable),
+    )
+    bar = progress_bar(total, start.step, "finetune", progress)
+    classifier.train()
+    try:
+        for step in range(start.step, total):
+            began = time.perf_counter()
+            indices = stream_batch(config.seed, step, batch_size, len(references))
+            images, labels = load_batch(references, indices)
+            images = fit_channels(images, denoiser.channels)
+            generator = step_generator(config.seed, STREAM_STEP, step)
+            draws = denoiser.draw(len(indices), generator)
+            noise = torch.randn(images.shape, generator=generator)
+            denoised = denoiser.denoise(images, noise, draws)  # no gradients: theta* frozen
+            labels = labels.to(device)
+            with accelerator.autocast():
+                logits = classifier_logits(classifier, denoised)
+                loss = F.cross_entropy(logits.float(), labels)  # Eq. 13
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step + 1}; lower the learning rate or use "
+                    "mixed_precision='bf16' instead of fp16"
+                )
+            accelerator.backward(loss)
+            if config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            row = {
+                "step": done,
+                "epoch": step // steps_per_epoch + 1,
+                "L_clf": float(loss.detach()),
+                "accuracy": float((logits.detach().argmax(1) == labels).float().mean()),
+                "lr": lr,
+                "seconds": time.perf_counter() - began,
+            }
+            log.append(row)
+            bar.update(1)
+            bar.set_postfix({"L_clf": f"{row['L_clf']:.4f}", "acc": f"{row['accuracy']:.2f}"})
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total:
+                folder.checkpoints.save(
+                    done,
+                    weights,
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict(),
+                        "scaler": None if accelerator.scaler is None
+                        else accelerator.scaler.state_dict(),
+                        "rng": rng_state(),
+                    },
+                )
+                plot_loss_curve(log, folder.loss_curve_path, PLOT_COLUMNS)
+    finally:
+        bar.close()
+
+    classifier.eval()
+    save_classifier_weights(network, folder.weights_path)
+    plot_loss_curve(log, folder.loss_curve_path, PLOT_COLUMNS, title="adapt finetune")
+    certify: dict[str, Any] = {
+        "model": config.classifier,
+        "classifier_weights": str(folder.weights_path),
+        "classifier_checkpoint": config.classifier_options.get("pretrained"),
+        "templates": getattr(classifier, "templates", None),
+        "denoiser": config.denoiser,
+        "denoiser_checkpoint": denoiser.info.get("checkpoint"),
+    }
+    if config.denoiser == "if2":
+        certify.update(lora=config.lora, prompt=config.prompt, token=config.token, k=config.k)
+    folder.finish(final=_final_losses(log), certify=certify)
+    return folder.out
