@@ -1,9 +1,16 @@
-"""`make bench`: engine overhead of CERTIFY against forward passes alone, in one process.
+"""`make bench`: where the time goes, measured as ratios within one process.
 
-For each model, time `Smooth.certify(x, n0=100, n=10_000)` and the classifier's
-forward passes alone on the same number of noisy inputs made beforehand, at the
-same batch size. Their ratio is the cost of the engine (noise, counting,
-statistics); the target is <= 1.05. Each figure is the median of `--repeats`.
+1. Engine overhead. For each model, time `Smooth.certify(x, n0=100, n=10_000)` and the
+   classifier's forward passes alone on the same number of noisy inputs made
+   beforehand, at the same batch size. Their ratio is the cost of the engine (noise,
+   counting, statistics); the target is <= 1.05.
+2. Denoised smoothing. `DenoiseAndClassify` with a tiny IF-II and a tiny CLIP (the
+   test suite's models, same classes as the real checkpoints) at batch 32: the time
+   of the whole base classifier against the denoiser alone and the classifier alone on
+   the same batch. The share outside the two networks (timestep and prompt-embedding
+   plumbing, scaling, padding, clipping) has a target below 5%.
+
+Each figure is the median of `--repeats`.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,14 +33,18 @@ from smoothing.core import Smooth
 N0, N = 100, 10_000
 
 
-def median_seconds(work: Callable[[], object], repeats: int) -> float:
-    work()  # warm-up: allocator, kernels, lazy init
-    times = []
+def interleaved_medians(works: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of each piece of work, timed in turn within each repeat, so that
+    a change in the machine's load falls on all of them alike."""
+    for work in works:
+        work()  # warm-up
+    times: list[list[float]] = [[] for _ in works]
     for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for work, spent in zip(works, times, strict=True):
+            started = time.perf_counter()
+            work()
+            spent.append(time.perf_counter() - started)
+    return [statistics.median(spent) for spent in times]
 
 
 def engine_overhead(
@@ -42,10 +54,7 @@ def engine_overhead(
     model.eval()
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     smooth = Smooth(model, classes, sigma)
-    certify = median_seconds(
-        lambda: smooth.certify(x, N0, N, 0.001, batch, torch.Generator().manual_seed(1)), repeats
-    )
-    # the same draws, made beforehand, so only the forward passes are timed
+    # the same number of draws, made beforehand, so only the forward passes are timed
     batches = [
         x + sigma * torch.randn((size, *shape), generator=torch.Generator().manual_seed(size))
         for total in (N0, N)
@@ -57,11 +66,65 @@ def engine_overhead(
         for noisy in batches:
             model(noisy)
 
-    forward = median_seconds(forward_only, repeats)
+    certify, forward = interleaved_medians(
+        [
+            lambda: smooth.certify(x, N0, N, 0.001, batch, torch.Generator().manual_seed(1)),
+            forward_only,
+        ],
+        repeats,
+    )
     return {
         "model": name, "input": list(shape), "batch": batch, "n0": N0, "n": N,
         "certify_s": round(certify, 4), "forward_only_s": round(forward, 4),
         "ratio": round(certify / forward, 4),
+    }
+
+
+def denoised_smoothing_split(batch: int, sigma: float, repeats: int) -> dict:
+    """Per-sample time of DenoiseAndClassify(tiny IF-II, tiny CLIP), split by network."""
+    from denoisers import DENOISERS, DenoiseAndClassify
+    from denoisers.if2 import predict_noise
+    from tests.tiny_classifiers import clip_options, save_tiny_clip
+    from tests.tiny_models import save_tiny_if2
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        denoiser = DENOISERS.build("if2", sigma=sigma, checkpoint=save_tiny_if2(root / "if2"))
+        options = clip_options(save_tiny_clip(root / "clip"), root / "cache")
+        classifier = build_classifier("clip-b32", class_names=["cat", "dog", "car"], **options)
+    denoiser.eval()
+    classifier.eval()
+    model = DenoiseAndClassify(denoiser, classifier, sigma).eval()
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.rand((batch, 3, 32, 32), generator=generator)
+    noisy = noisy + sigma * torch.randn(noisy.shape, generator=generator)
+    with torch.inference_mode():
+        denoised = denoiser(noisy, sigma)
+
+    # the UNet call alone, on the inputs the denoiser would build (Eq. 9)
+    x_t = denoiser.sqrt_alpha * (2.0 * noisy - 1.0)
+    timesteps = denoiser._timestep.expand(batch)
+    levels = denoiser._class_label.expand(batch)
+
+    with torch.inference_mode():
+        whole, denoise, unet, classify = interleaved_medians(
+            [
+                lambda: model(noisy),
+                lambda: denoiser(noisy, sigma),
+                lambda: predict_noise(denoiser.unet, x_t, timesteps, levels,
+                                      denoiser.prompt_embeds),
+                lambda: classifier(denoised),
+            ],
+            repeats,
+        )
+    return {
+        "model": "DenoiseAndClassify(tiny IF-II, tiny CLIP)", "input": [3, 32, 32],
+        "batch": batch, "sigma": sigma,
+        "per_sample_ms": round(1000 * whole / batch, 4),
+        "denoiser_ms": round(1000 * denoise / batch, 4),
+        "unet_ms": round(1000 * unet / batch, 4),
+        "classifier_ms": round(1000 * classify / batch, 4),
+        "outside_share": round((whole - unet - classify) / whole, 4),
     }
 
 
@@ -78,10 +141,12 @@ def main() -> None:
         engine_overhead("digits CNN", digits, (1, 8, 8), 10, 1000, 0.25, args.repeats),
         engine_overhead("ResNet-18", resnet, (3, 32, 32), 10, 400, 0.25, max(1, args.repeats // 2)),
     ]
+    denoised = denoised_smoothing_split(32, 0.5, args.repeats)
     record = {
         "what": "certify time / forward-only time, same process, same batches (median)",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "processor": platform.processor(), "rows": rows,
+        "denoised_smoothing": denoised,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
@@ -91,6 +156,12 @@ def main() -> None:
         shape = "x".join(map(str, r["input"]))
         print(f"{r['model']:<12} {shape:<10} {r['batch']:>5} {r['certify_s']:>10.3f} "
               f"{r['forward_only_s']:>10.3f} {r['ratio']:>6.3f}")
+    print()
+    print(f"{denoised['model']}, batch {denoised['batch']}, per sample:")
+    print(f"  whole {denoised['per_sample_ms']:.3f} ms; denoiser {denoised['denoiser_ms']:.3f} ms"
+          f" (its UNet call {denoised['unet_ms']:.3f} ms);"
+          f" classifier {denoised['classifier_ms']:.3f} ms")
+    print(f"  outside the two networks: {100 * denoised['outside_share']:.1f}% (target < 5%)")
     print(f"wrote {args.out}")
 
 
