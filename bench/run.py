@@ -33,6 +33,12 @@ from smoothing.core import Smooth
 N0, N = 100, 10_000
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timer stops when the work is done."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def interleaved_medians(works: list[Callable[[], object]], repeats: int) -> list[float]:
     """Median seconds of each piece of work, timed in turn within each repeat, so that
     a change in the machine's load falls on all of them alike."""
@@ -41,8 +47,10 @@ def interleaved_medians(works: list[Callable[[], object]], repeats: int) -> list
     times: list[list[float]] = [[] for _ in works]
     for _ in range(repeats):
         for work, spent in zip(works, times, strict=True):
+            synchronize()
             started = time.perf_counter()
             work()
+            synchronize()
             spent.append(time.perf_counter() - started)
     return [statistics.median(spent) for spent in times]
 
@@ -80,29 +88,52 @@ def engine_overhead(
     }
 
 
-def denoised_smoothing_split(batch: int, sigma: float, repeats: int) -> dict:
-    """Per-sample time of DenoiseAndClassify(tiny IF-II, tiny CLIP), split by network."""
+def denoised_smoothing_split(
+    batch: int, sigma: float, repeats: int, *, device: str = "cpu", dtype: str = "fp32",
+    if2: str | None = None, classifier_name: str | None = None, size: int = 32,
+) -> dict:
+    """Per-sample time of DenoiseAndClassify(IF-II, CLIP), split by network.
+
+    With `if2`/`classifier_name` left out, the test suite's tiny IF-II and tiny CLIP
+    (CPU-sized); give `--if2 DeepFloyd/IF-II-L-v1.0 --classifier clip-b32 --size 224
+    --device cuda --dtype fp16` for the real checkpoints on a GPU.
+    """
+    from classifiers.datasets import dataset_class_names
     from denoisers import DENOISERS, DenoiseAndClassify
     from denoisers.if2 import predict_noise
-    from tests.tiny_classifiers import clip_options, save_tiny_clip
-    from tests.tiny_models import save_tiny_if2
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        denoiser = DENOISERS.build("if2", sigma=sigma, checkpoint=save_tiny_if2(root / "if2"))
-        options = clip_options(save_tiny_clip(root / "clip"), root / "cache")
-        classifier = build_classifier("clip-b32", class_names=["cat", "dog", "car"], **options)
-    denoiser.eval()
-    classifier.eval()
+        if if2 is None or classifier_name is None:
+            from tests.tiny_classifiers import clip_options, save_tiny_clip
+            from tests.tiny_models import save_tiny_if2
+        if if2 is None:
+            if2 = str(save_tiny_if2(root / "if2"))
+            denoiser_label = "tiny IF-II"
+        else:
+            denoiser_label = if2
+        denoiser = DENOISERS.build("if2", sigma=sigma, checkpoint=if2, device=device,
+                                   dtype=dtype)
+        if classifier_name is None:
+            options = clip_options(save_tiny_clip(root / "clip"), root / "cache")
+            classifier = build_classifier("clip-b32", class_names=["cat", "dog", "car"],
+                                          **options)
+            classifier_label = "tiny CLIP"
+        else:
+            classifier = build_classifier(classifier_name, device=device,
+                                          class_names=dataset_class_names("imagenet"))
+            classifier_label = classifier_name
+    denoiser = denoiser.to(device).eval()
+    classifier = classifier.to(device).eval()
     model = DenoiseAndClassify(denoiser, classifier, sigma).eval()
     generator = torch.Generator().manual_seed(0)
-    noisy = torch.rand((batch, 3, 32, 32), generator=generator)
-    noisy = noisy + sigma * torch.randn(noisy.shape, generator=generator)
+    noisy = torch.rand((batch, 3, size, size), generator=generator)
+    noisy = (noisy + sigma * torch.randn(noisy.shape, generator=generator)).to(device)
     with torch.inference_mode():
         denoised = denoiser(noisy, sigma)
 
     # the UNet call alone, on the inputs the denoiser would build (Eq. 9)
-    x_t = denoiser.sqrt_alpha * (2.0 * noisy - 1.0)
+    x_t = (denoiser.sqrt_alpha * (2.0 * noisy - 1.0)).to(denoiser.unet.dtype)
     timesteps = denoiser._timestep.expand(batch)
     levels = denoiser._class_label.expand(batch)
 
@@ -118,8 +149,9 @@ def denoised_smoothing_split(batch: int, sigma: float, repeats: int) -> dict:
             repeats,
         )
     return {
-        "model": "DenoiseAndClassify(tiny IF-II, tiny CLIP)", "input": [3, 32, 32],
-        "batch": batch, "sigma": sigma,
+        "model": f"DenoiseAndClassify({denoiser_label}, {classifier_label})",
+        "input": [3, size, size], "batch": batch, "sigma": sigma, "device": device,
+        "dtype": dtype,
         "per_sample_ms": round(1000 * whole / batch, 4),
         "denoiser_ms": round(1000 * denoise / batch, 4),
         "unet_ms": round(1000 * unet / batch, 4),
@@ -132,16 +164,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/bench.json")
     parser.add_argument("--repeats", type=int, default=5)
+    group = parser.add_argument_group("denoised smoothing (defaults: tiny models on the CPU)")
+    group.add_argument("--device", default="cpu")
+    group.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    group.add_argument("--if2", help="IF-II hub id or folder, e.g. DeepFloyd/IF-II-L-v1.0")
+    group.add_argument("--classifier", help="a classifier name, e.g. clip-b32")
+    group.add_argument("--size", type=int, default=32, help="image side (224 for real models)")
+    group.add_argument("--batch", type=int, default=32)
+    group.add_argument("--only-denoised", action="store_true",
+                       help="skip the engine-overhead rows (e.g. on a GPU box)")
     args = parser.parse_args()
     torch.manual_seed(0)  # only the random init of the ResNet; the engine uses its generators
 
-    digits = build_classifier("digits", class_names=[str(i) for i in range(10)], sigma=0.25)
-    resnet = torchvision.models.resnet18(num_classes=10)
-    rows = [
-        engine_overhead("digits CNN", digits, (1, 8, 8), 10, 1000, 0.25, args.repeats),
-        engine_overhead("ResNet-18", resnet, (3, 32, 32), 10, 400, 0.25, max(1, args.repeats // 2)),
-    ]
-    denoised = denoised_smoothing_split(32, 0.5, args.repeats)
+    rows = []
+    if not args.only_denoised:
+        digits = build_classifier("digits", class_names=[str(i) for i in range(10)], sigma=0.25)
+        resnet = torchvision.models.resnet18(num_classes=10)
+        rows = [
+            engine_overhead("digits CNN", digits, (1, 8, 8), 10, 1000, 0.25, args.repeats),
+            engine_overhead("ResNet-18", resnet, (3, 32, 32), 10, 400, 0.25,
+                            max(1, args.repeats // 2)),
+        ]
+    denoised = denoised_smoothing_split(
+        args.batch, 0.5, args.repeats, device=args.device, dtype=args.dtype, if2=args.if2,
+        classifier_name=args.classifier, size=args.size,
+    )
     record = {
         "what": "certify time / forward-only time, same process, same batches (median)",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -150,8 +197,9 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'model':<12} {'input':<10} {'batch':>5} {'certify s':>10} "
-          f"{'forward s':>10} {'ratio':>6}")
+    if rows:
+        print(f"{'model':<12} {'input':<10} {'batch':>5} {'certify s':>10} "
+              f"{'forward s':>10} {'ratio':>6}")
     for r in rows:
         shape = "x".join(map(str, r["input"]))
         print(f"{r['model']:<12} {shape:<10} {r['batch']:>5} {r['certify_s']:>10.3f} "
