@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+DEMO_RUNS := runs/demo/digits_sigma0.25.tsv runs/demo/digits_sigma0.50.tsv
+DEMO_LABELS := "sigma=0.25,sigma=0.50"
+
 .PHONY: demo test test-slow bench lint clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
@@ -16,9 +19,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/certify --sigma 0.25 --out runs/demo/digits_sigma0.25
 	$(BIN)/certify --sigma 0.50 --out runs/demo/digits_sigma0.50
-	$(BIN)/analyze runs/demo/digits_sigma0.25.tsv runs/demo/digits_sigma0.50.tsv \
-		--labels "sigma=0.25,sigma=0.50" --plot runs/demo/certified_accuracy \
-		| tee runs/demo/table.md
+	$(BIN)/analyze $(DEMO_RUNS) --labels $(DEMO_LABELS) --plot runs/demo/certified_accuracy
+	$(BIN)/analyze $(DEMO_RUNS) --labels $(DEMO_LABELS) --format markdown > runs/demo/table.md
 
 test: $(STAMP)
 	$(BIN)/ruff check .
