@@ -45,7 +45,6 @@ steps = epochs * ceil(references / batch size).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,29 +53,23 @@ import torch
 import torch.nn.functional as F
 
 from adapt.errors import AdaptError
-from adapt.personalize import (
-    LR_SCHEDULERS,
-    WEIGHT_DTYPES,
-    _check_int,
-    _check_number,
-    _final_losses,
-    load_batch,
-    make_lr_scheduler,
-    result_settings,
-)
 from adapt.training import (
     STREAM_STEP,
-    LossLog,
-    RunFolder,
-    load_into,
+    WEIGHT_DTYPES,
+    Optimization,
+    build_classifier_on,
+    check_finite_loss,
+    check_int,
+    check_number,
+    check_training_settings,
+    finish_run,
+    load_batch,
     make_accelerator,
-    plot_loss_curve,
-    progress_bar,
-    rng_state,
+    make_optimizer,
+    prepare_run,
     seed_everything,
-    set_rng_state,
     step_generator,
-    stream_batch,
+    train_steps,
 )
 
 CONFIG_NAME = "finetune_config.json"
@@ -84,7 +77,6 @@ CLASSIFIER_WEIGHTS = "classifier.safetensors"
 DENOISERS = ("if2", "dds")
 LOG_COLUMNS = ["step", "epoch", "L_clf", "accuracy", "lr", "seconds"]
 PLOT_COLUMNS = ["L_clf", "accuracy"]
-NOT_RESULT_SETTINGS = ("overwrite", "device", "checkpoint_every")
 
 
 @dataclass
@@ -141,10 +133,7 @@ class FinetuneConfig:
         """Raise `AdaptError` for a setting no run could use."""
         from denoisers.if2 import format_prompt
 
-        if not str(self.references).strip():
-            raise AdaptError("references: give the reference set folder")
-        if not str(self.out).strip():
-            raise AdaptError("out: give an output folder")
+        check_training_settings(self)
         if self.denoiser not in DENOISERS:
             raise AdaptError(
                 f"denoiser must be one of {', '.join(DENOISERS)}, got {self.denoiser!r}"
@@ -159,34 +148,13 @@ class FinetuneConfig:
                 raise AdaptError("denoiser 'dds' needs denoiser_checkpoint (--denoiser-checkpoint)")
             if self.lora or self.prompt or self.token:
                 raise AdaptError("lora, prompt and token apply to the if2 denoiser only")
-        _check_number("k", self.k, minimum=0.0)
-        _check_number("lr", self.lr, minimum=0.0, strict=True)
-        _check_number("weight_decay", self.weight_decay, minimum=0.0)
-        if self.max_grad_norm is not None:
-            _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
         if self.sigmas is not None:
             if not self.sigmas:
                 raise AdaptError("sigmas: give at least one noise level, or None")
             for sigma in self.sigmas:
-                _check_number("every sigma", sigma, minimum=0.0, strict=True)
-        _check_int("epochs", self.epochs, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        _check_int("denoise_batch_size", self.denoise_batch_size, minimum=1)
-        _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
-        if self.resolution is not None:
-            _check_int("resolution", self.resolution, minimum=1)
-        if self.mixed_precision not in WEIGHT_DTYPES:
-            raise AdaptError(
-                f"mixed_precision must be one of {', '.join(WEIGHT_DTYPES)}, "
-                f"got {self.mixed_precision!r}"
-            )
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise AdaptError(
-                f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"
-            )
-        if not isinstance(self.classifier_options, dict):
-            raise AdaptError("classifier_options must be a dict of builder options")
+                check_number("every sigma", sigma, minimum=0.0, strict=True)
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("denoise_batch_size", self.denoise_batch_size, minimum=1)
         if self.templates is not None and not self.templates:
             raise AdaptError("templates: give at least one prompt template, or None")
         try:
@@ -207,17 +175,14 @@ def build_trainable_classifier(
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(classifier, network): the classifier `name` for these classes, and the module whose
     state dict is its weights file (`classifier.model`, or the classifier itself)."""
-    import classifiers  # noqa: F401  (registers the builders)
-    from classifiers import registry
+    import classifiers
 
-    options = dict(options)
-    if registry.CLASSIFIERS.accepts(name, "device"):
-        options.setdefault("device", str(device))
+    extra = {}
     if templates is not None:
-        if not registry.CLASSIFIERS.accepts(name, "templates"):
+        if not classifiers.CLASSIFIERS.accepts(name, "templates"):
             raise AdaptError(f"templates apply to CLIP classifiers, not to {name!r}")
-        options["templates"] = list(templates)
-    classifier = registry.build_classifier(name, class_names=class_names, **options).to(device)
+        extra["templates"] = list(templates)
+    classifier = build_classifier_on(name, class_names, options, device, **extra)
     network = getattr(classifier, "model", classifier)
     if not isinstance(network, torch.nn.Module):
         raise AdaptError(f"classifier {name!r} has no network to fine-tune")
@@ -376,18 +341,8 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
     from adapt.references import load_reference_set
     from classifiers.weights_io import save_classifier_weights
 
-    config.validate()
-    references = load_reference_set(config.references)  # bad input fails before any change
-    settings = result_settings(config)
-    for name in NOT_RESULT_SETTINGS:
-        settings.pop(name, None)
-    folder = RunFolder(
-        config.out,
-        kind="finetune",
-        config_name=CONFIG_NAME,
-        weights_name=CLASSIFIER_WEIGHTS,
-        settings=settings,
-        overwrite=config.overwrite,
+    references, folder = prepare_run(
+        config, kind="finetune", config_name=CONFIG_NAME, weights_name=CLASSIFIER_WEIGHTS
     )
     folder.check()  # refuse another run's folder before spending time on models
 
@@ -410,24 +365,14 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
     total = config.epochs * steps_per_epoch
 
     trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8
+    optimization = Optimization(
+        accelerator,
+        make_optimizer(trainable, lr=config.lr, weight_decay=config.weight_decay),
+        lr_scheduler=config.lr_scheduler,
+        steps=total,
+        parameters=trainable,
+        max_grad_norm=config.max_grad_norm,
     )
-    lr_scheduler = make_lr_scheduler(optimizer, config.lr_scheduler, total)
-    optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16
-    weights = network.state_dict()  # tensors sharing storage with the network
-
-    if start.checkpoint is not None:
-        saved, state = folder.checkpoints.load(start.checkpoint)
-        load_into(weights, saved)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-
-    log = LossLog(folder.loss_log_path, LOG_COLUMNS)
-    log.start(start.step)
     folder.write_record(
         resolution=size,
         batch_size=batch_size,
@@ -439,66 +384,34 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
         denoiser_info=denoiser.info,
         trainable_parameters=sum(p.numel() for p in trainable),
     )
-    bar = progress_bar(total, start.step, "finetune", progress)
+
+    def compute(step: int) -> tuple[torch.Tensor, dict[str, float], dict[str, str]]:
+        images, labels = load_batch(references, config.seed, step, batch_size)
+        images = fit_channels(images, denoiser.channels)
+        generator = step_generator(config.seed, STREAM_STEP, step)
+        draws = denoiser.draw(len(labels), generator)
+        noise = torch.randn(images.shape, generator=generator)
+        denoised = denoiser.denoise(images, noise, draws)  # no gradients: theta* frozen
+        labels = labels.to(device)
+        with accelerator.autocast():
+            logits = classifier_logits(classifier, denoised)
+            loss = F.cross_entropy(logits.float(), labels)  # Eq. 13
+        check_finite_loss(loss, step)
+        values = {
+            "epoch": step // steps_per_epoch + 1,
+            "L_clf": float(loss.detach()),
+            "accuracy": float((logits.detach().argmax(1) == labels).float().mean()),
+        }
+        return loss, values, {"L_clf": f"{values['L_clf']:.4f}", "acc": f"{values['accuracy']:.2f}"}
+
     classifier.train()
-    try:
-        for step in range(start.step, total):
-            began = time.perf_counter()
-            indices = stream_batch(config.seed, step, batch_size, len(references))
-            images, labels = load_batch(references, indices)
-            images = fit_channels(images, denoiser.channels)
-            generator = step_generator(config.seed, STREAM_STEP, step)
-            draws = denoiser.draw(len(indices), generator)
-            noise = torch.randn(images.shape, generator=generator)
-            denoised = denoiser.denoise(images, noise, draws)  # no gradients: theta* frozen
-            labels = labels.to(device)
-            with accelerator.autocast():
-                logits = classifier_logits(classifier, denoised)
-                loss = F.cross_entropy(logits.float(), labels)  # Eq. 13
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step + 1}; lower the learning rate or use "
-                    "mixed_precision='bf16' instead of fp16"
-                )
-            accelerator.backward(loss)
-            if config.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            done = step + 1
-            row = {
-                "step": done,
-                "epoch": step // steps_per_epoch + 1,
-                "L_clf": float(loss.detach()),
-                "accuracy": float((logits.detach().argmax(1) == labels).float().mean()),
-                "lr": lr,
-                "seconds": time.perf_counter() - began,
-            }
-            log.append(row)
-            bar.update(1)
-            bar.set_postfix({"L_clf": f"{row['L_clf']:.4f}", "acc": f"{row['accuracy']:.2f}"})
-            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < total:
-                folder.checkpoints.save(
-                    done,
-                    weights,
-                    {
-                        "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": lr_scheduler.state_dict(),
-                        "scaler": None if accelerator.scaler is None
-                        else accelerator.scaler.state_dict(),
-                        "rng": rng_state(),
-                    },
-                )
-                plot_loss_curve(log, folder.loss_curve_path, PLOT_COLUMNS)
-    finally:
-        bar.close()
-
+    log = train_steps(
+        folder, start, compute, optimization, weights=network.state_dict(), steps=total,
+        log_columns=LOG_COLUMNS, plot_columns=PLOT_COLUMNS,
+        checkpoint_every=config.checkpoint_every, desc="finetune", progress=progress,
+    )
     classifier.eval()
     save_classifier_weights(network, folder.weights_path)
-    plot_loss_curve(log, folder.loss_curve_path, PLOT_COLUMNS, title="adapt finetune")
     certify: dict[str, Any] = {
         "model": config.classifier,
         "classifier_weights": str(folder.weights_path),
@@ -509,5 +422,5 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
     }
     if config.denoiser == "if2":
         certify.update(lora=config.lora, prompt=config.prompt, token=config.token, k=config.k)
-    folder.finish(final=_final_losses(log), certify=certify)
+    finish_run(folder, log, PLOT_COLUMNS, title="adapt finetune", certify=certify)
     return folder.out

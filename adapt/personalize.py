@@ -51,12 +51,9 @@ so a resumed run repeats an uninterrupted one exactly (on the same device and so
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,26 +64,29 @@ import torch.nn.functional as F
 from adapt.errors import AdaptError
 from adapt.training import (
     STREAM_STEP,
-    RunFolder,
-    load_into,
+    WEIGHT_DTYPES,
+    Optimization,
+    bitsandbytes_module,
+    build_classifier_on,
+    check_finite_loss,
+    check_int,
+    check_number,
+    check_training_settings,
+    finish_run,
+    load_batch,
     make_accelerator,
-    plot_loss_curve,
-    progress_bar,
-    rng_state,
+    make_optimizer,
+    prepare_run,
     seed_everything,
-    set_rng_state,
     step_generator,
-    stream_batch,
+    train_steps,
 )
 
 CONFIG_NAME = "adapt_config.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
-LR_SCHEDULERS = ("cosine", "constant")
 LOG_COLUMNS = ["step", "loss", "L_diff", "L_clf", "lr", "seconds"]
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Settings that do not change the result: a run may resume with other values of these.
-NOT_RESULT_SETTINGS = ("overwrite", "device", "checkpoint_every", "gradient_checkpointing")
+PLOT_COLUMNS = ["loss", "L_diff", "L_clf"]
 
 
 @dataclass
@@ -138,72 +138,13 @@ class PersonalizeConfig:
         """Raise `AdaptError` for a setting no run could use."""
         from adapt.references import check_template
 
-        if not str(self.references).strip():
-            raise AdaptError("references: give the reference set folder")
-        if not str(self.out).strip():
-            raise AdaptError("out: give an output folder")
-        _check_number("lam", self.lam, minimum=0.0)
-        _check_number("k", self.k, minimum=0.0)
-        _check_number("lr", self.lr, minimum=0.0, strict=True)
-        _check_number("weight_decay", self.weight_decay, minimum=0.0)
-        if self.max_grad_norm is not None:
-            _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
-        _check_int("steps", self.steps, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        _check_int("rank", self.rank, minimum=1)
-        _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
-        if self.resolution is not None:
-            _check_int("resolution", self.resolution, minimum=1)
-        if self.mixed_precision not in WEIGHT_DTYPES:
-            raise AdaptError(
-                f"mixed_precision must be one of {', '.join(WEIGHT_DTYPES)}, "
-                f"got {self.mixed_precision!r}"
-            )
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise AdaptError(
-                f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"
-            )
-        if not isinstance(self.classifier_options, dict):
-            raise AdaptError("classifier_options must be a dict of builder options")
+        check_training_settings(self)
+        check_number("lam", self.lam, minimum=0.0)
+        check_int("steps", self.steps, minimum=1)
+        check_int("rank", self.rank, minimum=1)
         check_template(self.prompt)  # the token must have a place in the prompt
         if self.use_8bit_adam:
-            _bitsandbytes()
-
-
-def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        relation = ">" if strict else ">="
-        raise AdaptError(f"{name} must be a finite number {relation} {minimum:g}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise AdaptError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _bitsandbytes() -> Any:
-    try:
-        import bitsandbytes
-    except ImportError as error:
-        raise AdaptError(
-            "use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes, CUDA "
-            "only), which is not installed; run without --use-8bit-adam"
-        ) from error
-    return bitsandbytes
-
-
-def result_settings(config: Any) -> dict[str, Any]:
-    """The settings that decide a run's result (compared when resuming), paths resolved."""
-    settings = dataclasses.asdict(config)
-    for name in NOT_RESULT_SETTINGS:
-        settings.pop(name, None)
-    for name in ("references", "checkpoint", "denoiser_checkpoint", "lora"):
-        value = settings.get(name)
-        if value and Path(str(value)).expanduser().exists():
-            settings[name] = str(Path(str(value)).expanduser().resolve())
-    return settings
+            bitsandbytes_module()
 
 
 # -- the model pieces -------------------------------------------------------------------
@@ -239,14 +180,7 @@ def build_frozen_classifier(
     name: str, class_names: list[str], options: dict[str, Any], device: torch.device
 ) -> torch.nn.Module:
     """The classifier `name` for these classes, on `device`, in eval mode, without gradients."""
-    import classifiers  # noqa: F401  (registers the builders)
-    from classifiers import registry
-
-    options = dict(options)
-    if registry.CLASSIFIERS.accepts(name, "device"):
-        options.setdefault("device", str(device))
-    classifier = registry.build_classifier(name, class_names=class_names, **options)
-    classifier = classifier.to(device).eval()
+    classifier = build_classifier_on(name, class_names, options, device).eval()
     classifier.requires_grad_(False)
     return classifier
 
@@ -284,27 +218,6 @@ def personalization_losses(
     return l_diff + lam * l_clf, l_diff, l_clf  # Eq. 12
 
 
-def make_optimizer(
-    parameters: list[torch.nn.Parameter], *, lr: float, weight_decay: float, use_8bit: bool
-) -> torch.optim.Optimizer:
-    adamw = _bitsandbytes().optim.AdamW8bit if use_8bit else torch.optim.AdamW
-    return adamw(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
-
-
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, steps: int) -> Any:
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
-
-
-def load_batch(references: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [B, 3, H, W] in [0, 1] and labels [B] of these references."""
-    items = [references[i] for i in indices]
-    images = torch.stack([image for image, _ in items])
-    labels = torch.tensor([int(label) for _, label in items], dtype=torch.long)
-    return images, labels
-
-
 def save_lora(unet: torch.nn.Module, out: Path) -> Path:
     """Save the UNet's LoRA weights (float32) as the IF-II pipeline's LoRA file, atomically."""
     from diffusers import IFSuperResolutionPipeline
@@ -338,15 +251,8 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
     from adapt.references import load_reference_set
     from denoisers import if2
 
-    config.validate()
-    references = load_reference_set(config.references)  # bad input fails before any change
-    folder = RunFolder(
-        config.out,
-        kind="personalize",
-        config_name=CONFIG_NAME,
-        weights_name=LORA_WEIGHTS,
-        settings=result_settings(config),
-        overwrite=config.overwrite,
+    references, folder = prepare_run(
+        config, kind="personalize", config_name=CONFIG_NAME, weights_name=LORA_WEIGHTS
     )
     start = folder.open()
     if start.complete:
@@ -382,25 +288,19 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
         classifier = build_frozen_classifier(
             config.classifier, list(references.classes), config.classifier_options, device
         )
-    optimizer = make_optimizer(
-        list(lora.values()),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        use_8bit=config.use_8bit_adam,
+    optimization = Optimization(
+        accelerator,
+        make_optimizer(
+            list(lora.values()),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            use_8bit=config.use_8bit_adam,
+        ),
+        lr_scheduler=config.lr_scheduler,
+        steps=config.steps,
+        parameters=list(lora.values()),
+        max_grad_norm=config.max_grad_norm,
     )
-    lr_scheduler = make_lr_scheduler(optimizer, config.lr_scheduler, config.steps)
-    optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16
-
-    if start.checkpoint is not None:
-        weights, state = folder.checkpoints.load(start.checkpoint)
-        load_into(lora, weights)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-
-    log = _loss_log(folder, start.step)
     folder.write_record(
         resolution=resolution,
         batch_size=batch_size,
@@ -410,82 +310,44 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
         trainable_parameters=sum(p.numel() for p in lora.values()),
     )
     num_timesteps = int(scheduler.config.num_train_timesteps)
-    last: dict[str, Any] = {}
-    bar = progress_bar(config.steps, start.step, "personalize", progress)
-    try:
-        for step in range(start.step, config.steps):
-            began = time.perf_counter()
-            indices = stream_batch(config.seed, step, batch_size, len(references))
-            images, labels = load_batch(references, indices)
-            generator = step_generator(config.seed, STREAM_STEP, step)
-            timesteps = torch.randint(0, num_timesteps, (len(indices),), generator=generator)
-            noise = torch.randn(images.shape, generator=generator)
-            with accelerator.autocast():
-                loss, l_diff, l_clf = personalization_losses(
-                    unet,
-                    (2.0 * images - 1.0).to(device),
-                    labels.to(device),
-                    timesteps.to(device),
-                    noise.to(device),
-                    scheduler=scheduler,
-                    prompt_embeds=prompt_embeds,
-                    k=config.k,
-                    classifier=classifier,
-                    lam=config.lam,
-                )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step + 1} (L_diff={float(l_diff)}, "
-                    f"L_clf={None if l_clf is None else float(l_clf)}); lower the learning rate "
-                    "or use mixed_precision='bf16' instead of fp16"
-                )
-            accelerator.backward(loss)
-            if config.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(list(lora.values()), config.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
-            done = step + 1
-            last = {
-                "step": done,
-                "loss": float(loss.detach()),
-                "L_diff": float(l_diff.detach()),
-                "L_clf": float("nan") if l_clf is None else float(l_clf.detach()),
-                "lr": lr,
-                "seconds": time.perf_counter() - began,
-            }
-            log.append(last)
-            bar.update(1)
-            postfix = {"L_diff": f"{last['L_diff']:.4f}"}
-            if l_clf is not None:
-                postfix["L_clf"] = f"{last['L_clf']:.4f}"
-            bar.set_postfix(postfix)
-            every = config.checkpoint_every
-            if every and done % every == 0 and done < config.steps:
-                folder.checkpoints.save(
-                    done,
-                    lora,
-                    {
-                        "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": lr_scheduler.state_dict(),
-                        "scaler": None
-                        if accelerator.scaler is None
-                        else accelerator.scaler.state_dict(),
-                        "rng": rng_state(),
-                    },
-                )
-                plot_loss_curve(log, folder.loss_curve_path, ["loss", "L_diff", "L_clf"])
-    finally:
-        bar.close()
+    def compute(step: int) -> tuple[torch.Tensor, dict[str, float], dict[str, str]]:
+        images, labels = load_batch(references, config.seed, step, batch_size)
+        generator = step_generator(config.seed, STREAM_STEP, step)
+        timesteps = torch.randint(0, num_timesteps, (len(labels),), generator=generator)
+        noise = torch.randn(images.shape, generator=generator)
+        with accelerator.autocast():
+            loss, l_diff, l_clf = personalization_losses(
+                unet,
+                (2.0 * images - 1.0).to(device),
+                labels.to(device),
+                timesteps.to(device),
+                noise.to(device),
+                scheduler=scheduler,
+                prompt_embeds=prompt_embeds,
+                k=config.k,
+                classifier=classifier,
+                lam=config.lam,
+            )
+        check_finite_loss(loss, step, {"L_diff": l_diff, "L_clf": l_clf})
+        values = {
+            "loss": float(loss.detach()),
+            "L_diff": float(l_diff.detach()),
+            "L_clf": float("nan") if l_clf is None else float(l_clf.detach()),
+        }
+        postfix = {"L_diff": f"{values['L_diff']:.4f}"}
+        if l_clf is not None:
+            postfix["L_clf"] = f"{values['L_clf']:.4f}"
+        return loss, values, postfix
 
-    save_lora(unet, folder.out)
-    plot_loss_curve(
-        log, folder.loss_curve_path, ["loss", "L_diff", "L_clf"], title="adapt personalize"
+    log = train_steps(
+        folder, start, compute, optimization, weights=lora, steps=config.steps,
+        log_columns=LOG_COLUMNS, plot_columns=PLOT_COLUMNS,
+        checkpoint_every=config.checkpoint_every, desc="personalize", progress=progress,
     )
-    folder.finish(
-        final=_final_losses(log),
+    save_lora(unet, folder.out)
+    finish_run(
+        folder, log, PLOT_COLUMNS, title="adapt personalize",
         certify={
             "denoiser": "if2",
             "denoiser_checkpoint": config.checkpoint,
@@ -496,28 +358,3 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
         },
     )
     return folder.out
-
-
-def _loss_log(folder: RunFolder, step: int) -> Any:
-    from adapt.training import LossLog
-
-    log = LossLog(folder.loss_log_path, LOG_COLUMNS)
-    log.start(step)
-    return log
-
-
-def _final_losses(log: Any, window: int = 10) -> dict[str, Any]:
-    """The last step's losses, and their means over the last `window` steps."""
-    rows = log.read()
-    if not rows:
-        return {}
-    columns = [c for c in log.columns if c not in ("step", "lr", "seconds")]
-    final: dict[str, Any] = {"step": int(rows[-1]["step"])}
-    for column in columns:
-        values = [float(r[column]) for r in rows[-window:] if r.get(column) not in (None, "")]
-        values = [v for v in values if math.isfinite(v)]
-        final[column] = float(rows[-1][column]) if rows[-1].get(column) else None
-        if final[column] is not None and not math.isfinite(final[column]):
-            final[column] = None
-        final[f"{column}_mean_last_{window}"] = sum(values) / len(values) if values else None
-    return final

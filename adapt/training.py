@@ -20,17 +20,25 @@
   pyplot, no global backend switch).
 - `progress_bar`: tqdm with the loss terms as postfix.
 - `make_accelerator`: an `accelerate.Accelerator` for one device and mixed precision.
+- Settings both configs share: `check_training_settings` (folders, k, optimizer,
+  schedule, checkpoints, seed, resolution, precision, classifier options) and
+  `result_settings` (the settings a resumed run must repeat).
+- The loop: `Optimization` (backward, clipping, AdamW, schedule; its checkpoint state),
+  `train_steps` (resume, then step, log, show progress and checkpoint), `finish_run`
+  (plot, final losses, the folder's record marked complete).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -56,7 +64,12 @@ RUN_FILES = (
     LOSS_LOG,
     LOSS_CURVE,
 )
-MIXED_PRECISION = ("no", "fp16", "bf16")
+# mixed_precision -> dtype of the frozen weights (trained weights stay in float32).
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIXED_PRECISION = tuple(WEIGHT_DTYPES)
+LR_SCHEDULERS = ("cosine", "constant")
+# Settings of either run that do not change its result: a run may resume with other values.
+NOT_RESULT_SETTINGS = ("overwrite", "device", "checkpoint_every", "gradient_checkpointing")
 
 # Streams of `step_generator`: which draw a generator is for.
 STREAM_ORDER = 0  # the order of the reference images in one epoch
@@ -81,6 +94,64 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+# -- settings -------------------------------------------------------------------------
+
+
+def check_number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise AdaptError(f"{name} must be a finite number {relation} {minimum:g}, got {value!r}")
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise AdaptError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_training_settings(config: Any) -> None:
+    """Raise `AdaptError` for a setting no run could use, among those both configs have:
+    references, out, k, lr, weight_decay, max_grad_norm, batch_size, checkpoint_every,
+    seed, resolution, mixed_precision, lr_scheduler and classifier_options."""
+    if not str(config.references).strip():
+        raise AdaptError("references: give the reference set folder")
+    if not str(config.out).strip():
+        raise AdaptError("out: give an output folder")
+    check_number("k", config.k, minimum=0.0)
+    check_number("lr", config.lr, minimum=0.0, strict=True)
+    check_number("weight_decay", config.weight_decay, minimum=0.0)
+    if config.max_grad_norm is not None:
+        check_number("max_grad_norm", config.max_grad_norm, minimum=0.0, strict=True)
+    check_int("batch_size", config.batch_size, minimum=1)
+    check_int("checkpoint_every", config.checkpoint_every, minimum=0)
+    check_int("seed", config.seed, minimum=0)
+    if config.resolution is not None:
+        check_int("resolution", config.resolution, minimum=1)
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise AdaptError(
+            f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+            f"got {config.mixed_precision!r}"
+        )
+    if config.lr_scheduler not in LR_SCHEDULERS:
+        raise AdaptError(
+            f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {config.lr_scheduler!r}"
+        )
+    if not isinstance(config.classifier_options, dict):
+        raise AdaptError("classifier_options must be a dict of builder options")
+
+
+def result_settings(config: Any) -> dict[str, Any]:
+    """The settings that decide a run's result (compared when resuming), paths resolved."""
+    settings = dataclasses.asdict(config)
+    for name in NOT_RESULT_SETTINGS:
+        settings.pop(name, None)
+    for name in ("references", "checkpoint", "denoiser_checkpoint", "lora"):
+        value = settings.get(name)
+        if value and Path(str(value)).expanduser().exists():
+            settings[name] = str(Path(str(value)).expanduser().resolve())
+    return settings
 
 
 # -- seeding --------------------------------------------------------------------------
@@ -199,6 +270,26 @@ class RunStart:
 def canonical(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings as they read back from JSON, so that a rerun compares like with like."""
     return json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
+
+
+def prepare_run(
+    config: Any, *, kind: str, config_name: str, weights_name: str
+) -> tuple[Any, RunFolder]:
+    """Validate `config` and read its reference set (bad input fails before any change);
+    return the set and the run's output folder (not opened yet: see `RunFolder`)."""
+    from adapt.references import load_reference_set
+
+    config.validate()
+    references = load_reference_set(config.references)
+    folder = RunFolder(
+        config.out,
+        kind=kind,
+        config_name=config_name,
+        weights_name=weights_name,
+        settings=result_settings(config),
+        overwrite=config.overwrite,
+    )
+    return references, folder
 
 
 class RunFolder:
@@ -516,3 +607,205 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled)
+
+
+# -- the training loop ------------------------------------------------------------------
+
+
+def bitsandbytes_module() -> Any:
+    """bitsandbytes (8-bit AdamW), or one clear `AdaptError` when it is not installed."""
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise AdaptError(
+            "use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes, CUDA "
+            "only), which is not installed; run without --use-8bit-adam"
+        ) from error
+    return bitsandbytes
+
+
+def make_optimizer(
+    parameters: list[torch.nn.Parameter], *, lr: float, weight_decay: float, use_8bit: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.999, eps 1e-8), bitsandbytes' 8-bit one if `use_8bit`."""
+    adamw = bitsandbytes_module().optim.AdamW8bit if use_8bit else torch.optim.AdamW
+    return adamw(parameters, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, steps: int) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
+
+
+class Optimization:
+    """The update of a training step and its resumable state.
+
+    `step(loss)`: accelerate's backward (loss scaling for fp16), gradient clipping at
+    `max_grad_norm` (None: off), the optimizer and learning-rate schedule steps.
+    `state_dict()` / `load_state_dict(state)`: optimizer, schedule, loss scaler and the
+    global RNG states, as a checkpoint's `state.pt` holds them.
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        optimizer: torch.optim.Optimizer,
+        *,
+        lr_scheduler: str,
+        steps: int,
+        parameters: list[torch.nn.Parameter],
+        max_grad_norm: float | None,
+    ):
+        self.accelerator = accelerator
+        self.lr_scheduler = make_lr_scheduler(optimizer, lr_scheduler, steps)
+        self.optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16
+        self.parameters = parameters
+        self.max_grad_norm = max_grad_norm
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backpropagate `loss` and update; return the learning rate of this update."""
+        self.accelerator.backward(loss)
+        if self.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+
+
+def build_classifier_on(
+    name: str,
+    class_names: list[str],
+    options: Mapping[str, Any],
+    device: torch.device,
+    **extra: Any,
+) -> torch.nn.Module:
+    """The registered classifier `name` for these classes, built with `options` and `extra`
+    (and `device`, when its builder takes one), on `device`."""
+    import classifiers  # noqa: F401  (registers the builders)
+    from classifiers import registry
+
+    options = dict(options)
+    if registry.CLASSIFIERS.accepts(name, "device"):
+        options.setdefault("device", str(device))
+    options.update(extra)
+    return registry.build_classifier(name, class_names=class_names, **options).to(device)
+
+
+def load_batch(
+    references: Any, seed: int, step: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [B, 3, H, W] in [0, 1] and labels [B] of the batch of step `step` (0-based)
+    in the stream of shuffled epochs (`stream_batch`)."""
+    items = [references[i] for i in stream_batch(seed, step, batch_size, len(references))]
+    images = torch.stack([image for image, _ in items])
+    labels = torch.tensor([int(label) for _, label in items], dtype=torch.long)
+    return images, labels
+
+
+def check_finite_loss(
+    loss: torch.Tensor, step: int, terms: Mapping[str, torch.Tensor | None] | None = None
+) -> None:
+    """Raise `FloatingPointError` for a non-finite loss at (0-based) `step`, naming the
+    values of its `terms` (None: a term not computed)."""
+    if not torch.isfinite(loss):
+        named = ", ".join(
+            f"{name}={None if value is None else float(value)}"
+            for name, value in (terms or {}).items()
+        )
+        raise FloatingPointError(
+            f"non-finite loss at step {step + 1}{f' ({named})' if named else ''}; lower the "
+            "learning rate or use mixed_precision='bf16' instead of fp16"
+        )
+
+
+# What one step computes: its loss (checked finite), the loss log's values of the step
+# (but step, lr and seconds) and the progress bar's postfix.
+StepLoss = Callable[[int], tuple[torch.Tensor, dict[str, float], dict[str, str]]]
+
+
+def train_steps(
+    folder: RunFolder,
+    start: RunStart,
+    compute: StepLoss,
+    optimization: Optimization,
+    *,
+    weights: Mapping[str, torch.Tensor],
+    steps: int,
+    log_columns: Sequence[str],
+    plot_columns: Sequence[str],
+    checkpoint_every: int,
+    desc: str,
+    progress: bool,
+) -> LossLog:
+    """Resume from `start` (the trained `weights` and the optimization state of its
+    checkpoint), then run steps `start.step` .. `steps - 1` (0-based): `compute(step)`,
+    the update, a row of the loss log, the progress bar, and every `checkpoint_every`
+    steps (0: never) a checkpoint and the loss curve. Return the loss log."""
+    if start.checkpoint is not None:
+        saved, state = folder.checkpoints.load(start.checkpoint)
+        load_into(weights, saved)
+        optimization.load_state_dict(state)
+    log = LossLog(folder.loss_log_path, log_columns)
+    log.start(start.step)
+    bar = progress_bar(steps, start.step, desc, progress)
+    try:
+        for step in range(start.step, steps):
+            began = time.perf_counter()
+            loss, values, postfix = compute(step)
+            lr = optimization.step(loss)
+            done = step + 1
+            log.append({**values, "step": done, "lr": lr, "seconds": time.perf_counter() - began})
+            bar.update(1)
+            bar.set_postfix(postfix)
+            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                folder.checkpoints.save(done, weights, optimization.state_dict())
+                plot_loss_curve(log, folder.loss_curve_path, plot_columns)
+    finally:
+        bar.close()
+    return log
+
+
+def finish_run(
+    folder: RunFolder, log: LossLog, plot_columns: Sequence[str], *, title: str,
+    certify: Mapping[str, Any],
+) -> None:
+    """After the weights are saved: the loss curve, and the record marked complete with the
+    final losses and the `certify` options that use the result."""
+    plot_loss_curve(log, folder.loss_curve_path, plot_columns, title=title)
+    folder.finish(final=final_losses(log), certify=dict(certify))
+
+
+def final_losses(log: LossLog, window: int = 10) -> dict[str, Any]:
+    """The last step's losses, and their means over the last `window` steps."""
+    rows = log.read()
+    if not rows:
+        return {}
+    columns = [c for c in log.columns if c not in ("step", "lr", "seconds")]
+    final: dict[str, Any] = {"step": int(rows[-1]["step"])}
+    for column in columns:
+        values = [float(r[column]) for r in rows[-window:] if r.get(column) not in (None, "")]
+        values = [v for v in values if math.isfinite(v)]
+        final[column] = float(rows[-1][column]) if rows[-1].get(column) else None
+        if final[column] is not None and not math.isfinite(final[column]):
+            final[column] = None
+        final[f"{column}_mean_last_{window}"] = sum(values) / len(values) if values else None
+    return final

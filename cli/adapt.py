@@ -61,20 +61,6 @@ def _sigmas(ctx: click.Context, param: click.Parameter, value: str | None) -> li
     return sigmas
 
 
-def _device(value: str) -> str:
-    import torch
-
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = str(torch.device(value))
-    except RuntimeError as error:
-        raise click.BadParameter(str(error), param_hint="--device") from error
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {device}: CUDA is not available on this machine")
-    return device
-
-
 def _class_names(labels: str | None, dataset: str | None) -> list[str]:
     from adapt.references import dataset_labels, read_labels
 
@@ -167,6 +153,59 @@ _PERSONALIZE_OPTIONS = _options(
                  help="bitsandbytes' 8-bit AdamW (less optimizer memory; CUDA only)."),
 )
 
+_REFERENCES_OPTION = click.option(
+    "--references", required=True, type=click.Path(file_okay=False),
+    help="Reference folder from `adapt synthesize` (or an ImageFolder tree).",
+)
+
+
+def _classifier_choice(role: str) -> Callable:
+    """--classifier (`role`: what the command does with it) and --classifier-checkpoint."""
+    return _options(
+        click.option("--classifier", default="clip-b32",
+                     help=f"{role} (see `certify --list-models`)."),
+        click.option("--classifier-checkpoint",
+                     help="Pretrained weights of --classifier (open_clip tag or file, "
+                          "torchvision weights) [default: the model's own]."),
+    )
+
+
+_DREAMBOOTH_PROMPT_OPTIONS = _options(
+    click.option("--token", default="sks",
+                 help="Unique identifier put in the prompt's '{}' (DreamBooth)."),
+    click.option("--prompt", default=TEMPLATE,
+                 help="Prompt template; the denoiser is conditioned on it with '{}' = --token."),
+)
+
+
+def _finetune_options(prefix: str) -> Callable:
+    """--sigmas, --epochs, and the fine-tuning learning rate and batch size as
+    --{prefix}lr and --{prefix}batch-size."""
+    return _options(
+        click.option("--sigmas", callback=_sigmas,
+                     help="Comma-separated noise levels to fine-tune at (e.g. 0.25,0.5) "
+                          "[default: random timesteps, as Algorithm 2]."),
+        click.option("--epochs", type=int, default=10, callback=_positive,
+                     help="Classifier fine-tuning epochs over the references (App. A.4: 10)."),
+        click.option(f"--{prefix}lr", type=float, default=5e-7, callback=_positive,
+                     help="Classifier fine-tuning learning rate (App. A.4: 5e-7)."),
+        click.option(f"--{prefix}batch-size", type=int, default=256, callback=_positive,
+                     help="Classifier fine-tuning batch size (App. A.4: 256)."),
+    )
+
+
+_RESOLUTION_OPTION = click.option(
+    "--resolution", type=int, default=None, callback=_positive,
+    help="Train at this image size [default: the references' own].",
+)
+
+_TRAINING_OPTIONS = _options(
+    click.option("--checkpoint-every", type=int, default=100, callback=_positive,
+                 help="Save resumable training state every N steps."),
+    click.option("--mixed-precision", type=click.Choice(PRECISIONS), default="no",
+                 help="accelerate's mixed precision of training (bf16 on A100/H100)."),
+)
+
 _RUNTIME_OPTIONS = _options(
     click.option("--seed", type=int, default=0, help="Seed of every random draw."),
     click.option("--device", default="auto",
@@ -217,7 +256,9 @@ def synthesize_command(**options: Any) -> None:
     of every image.
     """
     classes = _class_names(options["labels"], options["dataset"])
-    device = _device(options["device"])
+    from cli.options import resolve_device  # loads torch: not for --help
+
+    device = resolve_device(options["device"])
     out = _synthesize(classes, options, device, options["out"])
     click.echo(f"reference set: {out} ({len(classes)} classes x {options['shots']} shots); "
                f"next: adapt personalize --references {shlex.quote(str(out))} --out LORA_DIR")
@@ -248,29 +289,17 @@ def _synthesize(classes: list[str], options: dict[str, Any], device: str, out: s
     "personalize", context_settings=CONTEXT,
     short_help="Personalize the IF-II denoiser (LoRA, classifier-guided).",
 )
-@click.option("--references", required=True, type=click.Path(file_okay=False),
-              help="Reference folder from `adapt synthesize` (or an ImageFolder tree).")
+@_REFERENCES_OPTION
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="LoRA folder: pytorch_lora_weights.safetensors, adapt_config.json, "
                    "loss curve, checkpoints/.")
 @click.option("--checkpoint", default=IF2,
               help="IF-II model to personalize: hub id or save_pretrained folder.")
-@click.option("--classifier", default="clip-b32",
-              help="Frozen classifier of the L_clf term (see `certify --list-models`).")
-@click.option("--classifier-checkpoint",
-              help="Pretrained weights of --classifier (open_clip tag or file, torchvision "
-                   "weights) [default: the model's own].")
-@click.option("--token", default="sks",
-              help="Unique identifier put in the prompt's '{}' (DreamBooth).")
-@click.option("--prompt", default=TEMPLATE,
-              help="Prompt template; the denoiser is conditioned on it with '{}' = --token.")
+@_classifier_choice("Frozen classifier of the L_clf term")
+@_DREAMBOOTH_PROMPT_OPTIONS
 @_PERSONALIZE_OPTIONS
-@click.option("--checkpoint-every", type=int, default=100, callback=_positive,
-              help="Save resumable training state every N steps.")
-@click.option("--resolution", type=int, default=None, callback=_positive,
-              help="Train at this image size [default: the references' own].")
-@click.option("--mixed-precision", type=click.Choice(PRECISIONS), default="no",
-              help="accelerate's mixed precision (bf16 on A100/H100).")
+@_RESOLUTION_OPTION
+@_TRAINING_OPTIONS
 @_RUNTIME_OPTIONS
 def personalize_command(**options: Any) -> None:
     """Classifier-guided personalization of the IF-II denoiser (Sec. 3.2, Eq. 10-12).
@@ -284,44 +313,52 @@ def personalize_command(**options: Any) -> None:
     """
     _check_references(options["references"])
     _check_prompt(options["prompt"], options["token"])
-    device = _device(options["device"])
+    from cli.options import resolve_device  # loads torch: not for --help
+
+    device = resolve_device(options["device"])
     out = _personalize(options, device, options["references"], options["out"])
     click.echo(f"LoRA weights: {out}")
+
+
+def _train(train: Callable, config_type: type, options: dict[str, Any], device: str,
+           references: str | Path, out: str | Path, **settings: Any) -> Path:
+    """`train(config_type(...))` with the settings personalize and finetune both take from
+    the options, and `settings` (the run's own); the output folder."""
+    with _clear_errors():
+        config = config_type(
+            references=str(references), out=str(out), classifier=options["classifier"],
+            classifier_options=_classifier_options(options["classifier_checkpoint"],
+                                                   options.get("classifier_weights")),
+            token=options["token"], prompt=options["prompt"], k=options["k"],
+            lr=options["lr"], batch_size=options["batch_size"],
+            resolution=options.get("resolution"),
+            checkpoint_every=options["checkpoint_every"], seed=options["seed"], device=device,
+            mixed_precision=options["mixed_precision"], overwrite=options["overwrite"],
+            **settings,
+        )
+        return Path(train(config, progress=not options["quiet"]))
 
 
 def _personalize(options: dict[str, Any], device: str, references: str | Path,
                  out: str | Path) -> Path:
     from adapt.personalize import PersonalizeConfig, personalize
 
-    with _clear_errors():
-        config = PersonalizeConfig(
-            references=str(references), out=str(out), checkpoint=options["checkpoint"],
-            classifier=options["classifier"],
-            classifier_options=_classifier_options(options["classifier_checkpoint"]),
-            token=options["token"], prompt=options["prompt"], k=options["k"],
-            lam=options["lam"], steps=options["steps"], lr=options["lr"],
-            batch_size=options["batch_size"], rank=options["rank"],
-            checkpoint_every=options["checkpoint_every"], seed=options["seed"], device=device,
-            mixed_precision=options["mixed_precision"],
-            gradient_checkpointing=options["gradient_checkpointing"],
-            use_8bit_adam=options["use_8bit_adam"], resolution=options["resolution"],
-            overwrite=options["overwrite"],
-        )
-        return Path(personalize(config, progress=not options["quiet"]))
+    return _train(
+        personalize, PersonalizeConfig, options, device, references, out,
+        checkpoint=options["checkpoint"], lam=options["lam"], steps=options["steps"],
+        rank=options["rank"], gradient_checkpointing=options["gradient_checkpointing"],
+        use_8bit_adam=options["use_8bit_adam"],
+    )
 
 
 @adapt_group.command(
     "finetune", context_settings=CONTEXT,
     short_help="Fine-tune the classifier on denoised references.",
 )
-@click.option("--references", required=True, type=click.Path(file_okay=False),
-              help="Reference folder from `adapt synthesize` (or an ImageFolder tree).")
+@_REFERENCES_OPTION
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for classifier.safetensors, finetune_config.json, loss curve.")
-@click.option("--classifier", default="clip-b32",
-              help="Classifier to fine-tune (see `certify --list-models`).")
-@click.option("--classifier-checkpoint",
-              help="Pretrained weights of --classifier [default: the model's own].")
+@_classifier_choice("Classifier to fine-tune")
 @click.option("--classifier-weights", type=click.Path(dir_okay=False),
               help="Start from these fine-tuned weights of --classifier (e.g. a torchvision "
                    "network whose head already has one output per class).")
@@ -337,24 +374,12 @@ def _personalize(options: dict[str, Any], device: str, references: str | Path,
               help="Denoiser prompt template (e.g. 'a photo of a {}.' with --lora).")
 @click.option("--k", "k", type=float, default=1.8, callback=_positive,
               help="Timestep correction factor of the denoiser (Eq. 8).")
-@click.option("--sigmas", callback=_sigmas,
-              help="Comma-separated noise levels to train at (e.g. 0.25,0.5) [default: "
-                   "random timesteps, as Algorithm 2].")
-@click.option("--epochs", type=int, default=10, callback=_positive,
-              help="Epochs over the references (App. A.4: 10).")
-@click.option("--lr", type=float, default=5e-7, callback=_positive,
-              help="Learning rate (App. A.4: 5e-7).")
-@click.option("--batch-size", type=int, default=256, callback=_positive,
-              help="Batch size (App. A.4: 256).")
+@_finetune_options("")
 @click.option("--template", "templates", multiple=True,
               help="CLIP prompt template with '{}' (repeat for several) [default: the "
                    "classifier's own: CLIP's 80 ImageNet templates, as certify uses].")
-@click.option("--resolution", type=int, default=None, callback=_positive,
-              help="Train at this image size [default: the references' own].")
-@click.option("--checkpoint-every", type=int, default=100, callback=_positive,
-              help="Save resumable training state every N steps.")
-@click.option("--mixed-precision", type=click.Choice(PRECISIONS), default="no",
-              help="accelerate's mixed precision.")
+@_RESOLUTION_OPTION
+@_TRAINING_OPTIONS
 @_RUNTIME_OPTIONS
 def finetune_command(**options: Any) -> None:
     """Fine-tune the classifier on denoised references (Sec. 3.2, Eq. 13).
@@ -367,7 +392,9 @@ def finetune_command(**options: Any) -> None:
     """
     _check_references(options["references"])
     _check_prompt(options["prompt"], options["token"])
-    device = _device(options["device"])
+    from cli.options import resolve_device  # loads torch: not for --help
+
+    device = resolve_device(options["device"])
     out = _finetune(options, device, options["references"], options["out"], options["lora"])
     click.echo(f"classifier weights: {out / 'classifier.safetensors'}")
 
@@ -376,22 +403,14 @@ def _finetune(options: dict[str, Any], device: str, references: str | Path, out:
               lora: str | Path | None) -> Path:
     from adapt.finetune import FinetuneConfig, finetune
 
-    with _clear_errors():
-        config = FinetuneConfig(
-            references=str(references), out=str(out), classifier=options["classifier"],
-            classifier_options=_classifier_options(options["classifier_checkpoint"],
-                                                   options.get("classifier_weights")),
-            templates=list(options.get("templates") or []) or None,
-            denoiser=options.get("denoiser", "if2"),
-            denoiser_checkpoint=options["denoiser_checkpoint"],
-            lora=None if lora is None else str(lora), token=options["token"],
-            prompt=options["prompt"], k=options["k"], sigmas=options["sigmas"],
-            epochs=options["epochs"], lr=options["lr"], batch_size=options["batch_size"],
-            resolution=options.get("resolution"),
-            checkpoint_every=options["checkpoint_every"], seed=options["seed"], device=device,
-            mixed_precision=options["mixed_precision"], overwrite=options["overwrite"],
-        )
-        return Path(finetune(config, progress=not options["quiet"]))
+    return _train(
+        finetune, FinetuneConfig, options, device, references, out,
+        templates=list(options.get("templates") or []) or None,
+        denoiser=options.get("denoiser", "if2"),
+        denoiser_checkpoint=options["denoiser_checkpoint"],
+        lora=None if lora is None else str(lora), sigmas=options["sigmas"],
+        epochs=options["epochs"],
+    )
 
 
 @adapt_group.command(
@@ -401,31 +420,16 @@ def _finetune(options: dict[str, Any], device: str, references: str | Path, out:
 @_LABEL_OPTIONS
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for references/, lora/ and classifier/.")
-@click.option("--classifier", default="clip-b32",
-              help="Classifier to robustify (see `certify --list-models`).")
-@click.option("--classifier-checkpoint",
-              help="Pretrained weights of --classifier [default: the model's own].")
+@_classifier_choice("Classifier to robustify")
 @click.option("--sigma", type=float, default=0.5, callback=_positive,
               help="Noise level of the printed certify command (the paper: 0.25, 0.5, 1.0).")
 @click.option("--checkpoint", default=IF2,
               help="IF-II model: personalized, then the denoiser of certify.")
-@click.option("--token", default="sks", help="DreamBooth identifier for the prompt's '{}'.")
-@click.option("--prompt", default=TEMPLATE, help="Denoiser prompt template, '{}' = --token.")
+@_DREAMBOOTH_PROMPT_OPTIONS
 @_SYNTHESIS_OPTIONS
 @_PERSONALIZE_OPTIONS
-@click.option("--sigmas", callback=_sigmas,
-              help="Fine-tuning noise levels, e.g. 0.25,0.5 [default: random timesteps, as "
-                   "Algorithm 2].")
-@click.option("--epochs", type=int, default=10, callback=_positive,
-              help="Classifier fine-tuning epochs (App. A.4: 10).")
-@click.option("--finetune-lr", type=float, default=5e-7, callback=_positive,
-              help="Classifier fine-tuning learning rate (App. A.4: 5e-7).")
-@click.option("--finetune-batch-size", type=int, default=256, callback=_positive,
-              help="Classifier fine-tuning batch size (App. A.4: 256).")
-@click.option("--checkpoint-every", type=int, default=100, callback=_positive,
-              help="Save resumable training state every N steps.")
-@click.option("--mixed-precision", type=click.Choice(PRECISIONS), default="no",
-              help="accelerate's mixed precision for both trainings.")
+@_finetune_options("finetune-")
+@_TRAINING_OPTIONS
 @_RUNTIME_OPTIONS
 def run_command(**options: Any) -> None:
     """The whole chain (Algorithm 2): synthesize -> personalize -> finetune.
@@ -436,7 +440,9 @@ def run_command(**options: Any) -> None:
     """
     classes = _class_names(options["labels"], options["dataset"])
     _check_prompt(options["prompt"], options["token"])
-    device = _device(options["device"])
+    from cli.options import resolve_device  # loads torch: not for --help
+
+    device = resolve_device(options["device"])
     try:  # fail now, not after an hour of synthesis
         import adapt.finetune  # noqa: F401
         import adapt.personalize  # noqa: F401

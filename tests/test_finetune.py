@@ -26,6 +26,7 @@ from tests.tiny_classifiers import (
     clip_options,
     save_tiny_clip,
     save_tiny_resnet,
+    snapshot,
     write_reference_set,
 )
 from tests.tiny_models import one_thread, save_tiny_if2
@@ -276,13 +277,6 @@ def test_digits_cnn_finetuned_with_the_bundled_ddpm_reloads_into_certify(tmp_pat
 # -- bad input ----------------------------------------------------------------------------
 
 
-def snapshot(folder):
-    return {
-        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
 def test_a_reference_folder_without_images_is_refused(clip_config, tmp_path):
     empty = tmp_path / "empty"
     (empty / "dog").mkdir(parents=True)
@@ -336,8 +330,7 @@ def test_bad_settings_are_refused_before_anything_is_written(clip_config, tmp_pa
 
 
 def test_settings_round_trip_as_the_resume_check_compares_them(clip_config):
-    from adapt.personalize import result_settings
-    from adapt.training import canonical
+    from adapt.training import canonical, result_settings
 
     config = clip_config(sigmas=[0.25, 0.5])
     settings = canonical(result_settings(config))

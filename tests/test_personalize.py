@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 import adapt.personalize as module
 from adapt.errors import AdaptError
 from adapt.personalize import LORA_WEIGHTS, PersonalizeConfig, personalize
-from tests.tiny_classifiers import clip_options, save_tiny_clip, write_reference_set
+from tests.tiny_classifiers import clip_options, save_tiny_clip, snapshot, write_reference_set
 from tests.tiny_models import one_thread, save_tiny_if2
 
 CLASSES = ["dog", "cat"]
@@ -261,13 +261,6 @@ def test_8bit_adam_without_bitsandbytes_is_one_clear_error(config, tmp_path):
 
 
 # -- bad input ----------------------------------------------------------------------------
-
-
-def snapshot(folder):
-    return {
-        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 def test_a_reference_folder_without_images_is_refused(config, tmp_path):

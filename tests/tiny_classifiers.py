@@ -9,6 +9,8 @@
   `build_classifier("resnet18", class_names=..., weights=path)` loads it.
 - `write_reference_set(dir, classes, ...)`: random images in the layout `adapt
   synthesize` writes (manifest.json + images/<label:04d>/<shot:02d>.png).
+- `snapshot(dir)`: bytes and modification times of every file below a folder, to check
+  that a refused run left an output folder untouched.
 """
 
 from __future__ import annotations
@@ -109,3 +111,11 @@ def write_reference_set(
     manifest = {"classes": list(classes), "template": template, "images": records}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return folder
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Bytes and modification times of every file under `folder`."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
