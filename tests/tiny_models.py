@@ -85,9 +85,42 @@ def save_tiny_ddpm(
     return directory
 
 
+def tiny_if_unet(*, sample_size: int, in_channels: int, seed: int = 0, **config):
+    """A tiny `UNet2DConditionModel` with DeepFloyd IF's structure: 6 output channels
+    (noise + learned variance), simple cross-attention to T5 states, text added to the
+    time embedding. IF-II takes 6 input channels (image + low-resolution condition) and
+    `class_embed_type="timestep"` for the condition's noise level; IF-I takes 3."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=6,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=32,  # its group norm has a fixed 32 groups
+        encoder_hid_dim=T5_DIM,
+        attention_head_dim=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+        mid_block_scale_factor=1.414,
+        time_embedding_act_fn="gelu",
+        time_embedding_dim=16,
+        **config,
+    ).eval()
+
+
 def tiny_if2_components(*, seed: int = 0) -> dict:
     """The components of a tiny `IFSuperResolutionPipeline` (no safety checker/watermarker)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = tiny_t5_tokenizer()
@@ -104,30 +137,7 @@ def tiny_if2_components(*, seed: int = 0) -> dict:
             decoder_start_token_id=0,
         )
     ).eval()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=6,  # noisy image + upscaled low-resolution condition
-        out_channels=6,  # noise + learned variance
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        norm_num_groups=8,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        cross_attention_dim=32,  # its group norm has a fixed 32 groups
-        encoder_hid_dim=T5_DIM,
-        attention_head_dim=8,
-        addition_embed_type="text",
-        addition_embed_type_num_heads=2,
-        cross_attention_norm="group_norm",
-        resnet_time_scale_shift="scale_shift",
-        act_fn="gelu",
-        class_embed_type="timestep",
-        mid_block_scale_factor=1.414,
-        time_embedding_act_fn="gelu",
-        time_embedding_dim=16,
-    ).eval()
+    unet = tiny_if_unet(sample_size=32, in_channels=6, seed=seed, class_embed_type="timestep")
     # IF-II's two schedulers share the squared-cosine schedule; the denoising one
     # predicts epsilon with a learned variance range.
     scheduler = DDPMScheduler(
@@ -217,32 +227,10 @@ def tiny_if1_components(*, seed: int = 0) -> dict:
     """The components of a tiny `IFPipeline` (DeepFloyd IF-I's structure: 3 input channels,
     6 output channels = noise + learned variance, T5 text cross-attention, no class
     embedding), sharing the tiny T5 encoder and tokenizer of `tiny_if2_components`."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     components = tiny_if2_components(seed=seed)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,  # IF-I-XL: 64
-        in_channels=3,
-        out_channels=6,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        norm_num_groups=8,
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        cross_attention_dim=32,
-        encoder_hid_dim=T5_DIM,
-        attention_head_dim=8,
-        addition_embed_type="text",
-        addition_embed_type_num_heads=2,
-        cross_attention_norm="group_norm",
-        resnet_time_scale_shift="scale_shift",
-        act_fn="gelu",
-        mid_block_scale_factor=1.414,
-        time_embedding_act_fn="gelu",
-        time_embedding_dim=16,
-    ).eval()
+    unet = tiny_if_unet(sample_size=16, in_channels=3, seed=seed)  # IF-I-XL: 64
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
