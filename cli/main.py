@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,12 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         raise CommandError(f"{error}; rows so far are kept in {results.tsv}") from error
     except NonFiniteOutputError as error:
         raise click.ClickException(f"{error}; rows so far are kept in {results.tsv}") from error
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ninterrupted: {len(results.done)} rows are kept in {results.tsv}; "
+            "the same command resumes from there", err=True,
+        )
+        sys.exit(130)  # the shell's code for a run stopped by Ctrl-C
     _report(mode, results)
 
 

@@ -52,6 +52,38 @@ def test_certify_rerun_resumes_and_extends(tmp_path):
     assert second.startswith(first) and len(second.splitlines()) == 7
 
 
+def test_ctrl_c_keeps_the_finished_rows_and_the_same_command_resumes(tmp_path, monkeypatch):
+    from smoothing.core import Smooth
+
+    out = str(tmp_path / "run")
+    uninterrupted = tmp_path / "whole"
+    invoke(certify_command, *FAST, "--out", str(uninterrupted))
+
+    original = Smooth.certify
+    calls = {"n": 0}
+
+    def interrupted_on_the_third_example(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Smooth, "certify", interrupted_on_the_third_example)
+        result = CliRunner().invoke(certify_command, [*FAST, "--out", out])
+    assert result.exit_code == 130
+    assert "interrupted: 2 rows are kept" in result.output
+    assert len((tmp_path / "run.tsv").read_text().splitlines()) == 3
+
+    result = invoke(certify_command, *FAST, "--out", out)
+    assert result.exit_code == 0, result.output
+
+    def values(path):
+        return [line.split("\t")[:5] for line in path.read_text().splitlines()]
+
+    assert values(tmp_path / "run.tsv") == values(tmp_path / "whole.tsv")
+
+
 def test_predict_reports_empirical_clean_accuracy(tmp_path):
     result = invoke(predict_command, "--n", "50", "--max", "3", "--quiet",
                     "--out", str(tmp_path / "p"))
