@@ -394,13 +394,14 @@ def test_batched_input_is_rejected() -> None:
 # --- mixed precision ----------------------------------------------------------------------------
 
 
-def test_bfloat16_autocast_on_cpu() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_on_cpu(dtype: torch.dtype) -> None:
     model, x = make_linear(2.0 * SIGMA)
-    smooth = Smooth(model, num_classes=2, sigma=SIGMA, autocast_dtype=torch.bfloat16)
+    smooth = Smooth(model, num_classes=2, sigma=SIGMA, autocast_dtype=dtype)
     cls, radius = smooth.certify(
         x, n0=100, n=10_000, alpha=0.001, batch_size=2500, generator=gen(0)
     )
-    assert model.output_dtypes == {torch.bfloat16}  # the option took effect
+    assert model.output_dtypes == {dtype}  # the option took effect
     assert cls == 1
     assert 0.0 < radius < 1.1 * model.signed_distance(x)
     assert smooth.predict(x, n=1000, alpha=0.001, batch_size=500, generator=gen(1)) == 1
