@@ -50,6 +50,7 @@ import torch
 
 from adapt.errors import AdaptError
 from adapt.references import MANIFEST, check_class_names, check_template, fill_template
+from adapt.training import atomic_write, package_versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def synthesize(
     if not missing:
         current = manifest()
         if previous is None or any(previous.get(k) != current[k] for k in _CONTENT_KEYS):
-            _write_json(out / MANIFEST, current)
+            write_json(out / MANIFEST, current)
         log.info("%s: all %d images present, nothing to generate", out, len(wanted))
         return out
 
@@ -171,7 +172,7 @@ def synthesize(
     if overwrite:
         _remove_old_images(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    _write_json(out / MANIFEST, manifest())
+    write_json(out / MANIFEST, manifest())
     log.info("%s: %d images present, generating %d", out, len(records), len(missing))
 
     from tqdm.auto import tqdm
@@ -213,7 +214,7 @@ def synthesize(
                 record = _record(classes, label, shot, settings, nsfw, str(device))
                 _write_image(out / record["path"], image, int(resolution), record)
                 records[(label, shot)] = record
-                _write_json(out / MANIFEST, manifest())
+                write_json(out / MANIFEST, manifest())
                 bar.update()
     finally:
         bar.close()
@@ -277,9 +278,6 @@ def _manifest(
     classes: Sequence[str], shots: int, settings: dict[str, Any],
     records: dict[tuple[int, int], dict[str, Any]],
 ) -> dict[str, Any]:
-    import diffusers
-    import transformers
-
     return {
         "format": MANIFEST_FORMAT,
         "written_by": "robustify adapt synthesize",
@@ -289,11 +287,7 @@ def _manifest(
         "seed": settings["seed"],
         "models": {"stage1": settings["stage1"], "stage2": settings["stage2"]},
         "settings": settings,
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": package_versions(),
         "images": [records[key] for key in sorted(records)],
     }
 
@@ -373,24 +367,6 @@ def _remove_old_images(out: Path) -> None:
 # -- files ----------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(path, text.encode("utf-8"))
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -411,7 +387,7 @@ def _write_image(path: Path, image: Any, resolution: int, record: dict[str, Any]
     info.add_text("models", json.dumps(record["models"]))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def _first(flags: Any) -> bool | None:

@@ -419,18 +419,25 @@ class RunFolder:
         self.write_record(status="complete", finished=now(), **updates)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and a rename: readers never see half a file."""
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file and a rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2, sort_keys=False, default=str)
-            file.write("\n")
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (`atomic_write`); class names stay readable (UTF-8)."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    atomic_write(path, text.encode("utf-8"))
 
 
 # -- checkpoints ----------------------------------------------------------------------
