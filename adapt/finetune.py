@@ -234,16 +234,21 @@ class FrozenDenoiser:
             self.scheduler = parts.scheduler
             self.prompt_embeds = parts.prompt_embeds
             self.k = config.k
-            self.alphas = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float32)
+            self.alphas = torch.as_tensor(
+                self.scheduler.alphas_cumprod, dtype=torch.float32
+            ).to(device)
             self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
             self.channels = int(self.unet.config.in_channels) // 2
             self.info = parts.info
             if self.sigmas is not None:
                 from denoisers.timesteps import timestep_for_sigma
 
-                self.sigma_timesteps = [
-                    timestep_for_sigma(self.scheduler.alphas_cumprod, 2 * s) for s in self.sigmas
-                ]
+                self.sigma_timesteps = torch.tensor(
+                    [timestep_for_sigma(self.scheduler.alphas_cumprod, 2 * s)
+                     for s in self.sigmas],
+                    device=device,
+                )
+                self.sigma_values = torch.tensor(self.sigmas, device=device)
         else:
             from denoisers.dds import DDSDenoiser
 
@@ -289,13 +294,13 @@ class FrozenDenoiser:
         x = 2.0 * images - 1.0  # [-1, 1], the diffusion model's space
         if self.sigmas is None:
             timesteps = draws.to(self.device)
-            a = self.alphas.to(self.device)[timesteps].view(-1, 1, 1, 1)
+            a = self.alphas[timesteps].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x + (1.0 - a).sqrt() * noise  # Eq. 5
         else:
             chosen = draws.to(self.device)
-            sigma = torch.tensor(self.sigmas, device=self.device)[chosen]
-            timesteps = torch.tensor(self.sigma_timesteps, device=self.device)[chosen]
-            a = self.alphas.to(self.device)[timesteps].view(-1, 1, 1, 1)
+            sigma = self.sigma_values[chosen]
+            timesteps = self.sigma_timesteps[chosen]
+            a = self.alphas[timesteps].view(-1, 1, 1, 1)
             # certify's input: x + sigma eps in [0, 1] -> 2 (.) - 1, scaled by sqrt(a_t)
             x_t = a.sqrt() * (x + 2.0 * sigma.view(-1, 1, 1, 1) * noise)
         _, denoised = denoise_at_timesteps(

@@ -249,16 +249,13 @@ def evaluate(
 
 def _print_evaluation(ev: dict[str, Any]) -> None:
     print(f"test split, {ev['num_images']} images x {ev['noise_draws_per_image']} noise draws")
-    if ev.get("clean_accuracy") is not None:
-        print(f"digits-clean accuracy on clean images: {ev['clean_accuracy']:.4f}")
+    print(f"digits-clean accuracy on clean images: {ev['clean_accuracy']:.4f}")
     for sigma, row in ev["sigmas"].items():
-        line = (
+        print(
             f"sigma {sigma:>4}  t={row['timestep']:3d}  MSE noisy {row['mse_noisy']:.4f}"
             f" (clipped {row['mse_noisy_clipped']:.4f})  denoised {row['mse_denoised']:.4f}"
+            f"  acc noisy {row['acc_noisy']:.4f}  denoised {row['acc_denoised']:.4f}"
         )
-        if "acc_noisy" in row:
-            line += f"  acc noisy {row['acc_noisy']:.4f}  denoised {row['acc_denoised']:.4f}"
-        print(line)
 
 
 def main(argv: list[str] | None = None) -> None:
