@@ -12,10 +12,13 @@ one step of the grid). This is the `pred_xstart` of one reverse step, as both re
 implementations compute it; the result is clipped to [-1, 1] as their `clip_denoised`
 does, then mapped back to [0, 1].
 
-Checkpoint layout: a `DDPMPipeline` directory or hub repository, i.e. `unet/` holding a
-`UNet2DModel` and `scheduler/` holding the scheduler config (what
-`DDPMPipeline.save_pretrained` writes). Learned-variance models (out_channels =
-2 * in_channels, e.g. improved-diffusion ports) keep only the noise channels.
+Checkpoint layout: a directory or hub repository holding either a `DDPMPipeline` (`unet/`
+with a `UNet2DModel`, `scheduler/` with the scheduler config: what
+`DDPMPipeline.save_pretrained` writes) or the UNet itself at its root (`config.json` and
+`diffusion_pytorch_model.safetensors`, with `scheduler_config.json` beside them, as in
+google/ddpm-cifar10-32). `variant="fp16"` reads `*.fp16.safetensors` weight files.
+Learned-variance models (out_channels = 2 * in_channels, e.g. improved-diffusion ports)
+keep only the noise channels.
 
 Resolution: by default the image is denoised at its own size, as Carlini et al. feed
 224 x 224 ImageNet crops to their 256 x 256 model: the UNet is convolutional, and
@@ -37,10 +40,13 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from denoisers.pipeline import Denoiser, pad_to_multiple
-from denoisers.registry import dtype_kwargs, dtype_name, load_checkpoint, parse_dtype
+from denoisers.registry import dtype_kwargs, dtype_name, load_checkpoint, locate, parse_dtype
 from denoisers.timesteps import noise_levels, timestep_for_sigma
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Where the UNet config and the scheduler config may sit: DDPMPipeline layout, then root.
+UNET_CONFIGS = ("unet/config.json", "config.json")
+SCHEDULER_CONFIGS = ("scheduler/scheduler_config.json", "scheduler_config.json")
 
 
 class DDSDenoiser(Denoiser):
@@ -54,6 +60,7 @@ class DDSDenoiser(Denoiser):
         *,
         resize: bool = False,
         checkpoint: str | None = None,
+        variant: str | None = None,
     ):
         super().__init__(sigma)
         prediction_type = scheduler.config.prediction_type
@@ -64,6 +71,7 @@ class DDSDenoiser(Denoiser):
         self.prediction_type = prediction_type
         self.resize = bool(resize)
         self.checkpoint = checkpoint
+        self.variant = variant
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
         alphas_cumprod = scheduler.alphas_cumprod
@@ -98,26 +106,44 @@ class DDSDenoiser(Denoiser):
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "fp32",
         resize: bool = False,
+        variant: str | None = None,
     ) -> DDSDenoiser:
-        """Load `unet/` and `scheduler/` of a DDPMPipeline hub id or directory."""
+        """Load the UNet and scheduler of a hub id or directory: a DDPMPipeline (`unet/`,
+        `scheduler/`) or a UNet2DModel at the root with `scheduler_config.json` beside it.
+        `variant` (e.g. "fp16") picks `*.VARIANT.safetensors` weight files."""
         torch_dtype = parse_dtype(dtype)
 
         def load(path: str) -> tuple[UNet2DModel, DDPMScheduler]:
+            unet_folder = _folder(locate(path, UNET_CONFIGS))
+            scheduler_folder = _folder(locate(path, SCHEDULER_CONFIGS))
             unet = UNet2DModel.from_pretrained(
-                path, subfolder="unet", use_safetensors=True, **dtype_kwargs(torch_dtype)
+                path,
+                subfolder=unet_folder,
+                use_safetensors=True,
+                variant=variant,
+                **dtype_kwargs(torch_dtype),
             )
-            return unet, DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+            return unet, DDPMScheduler.from_pretrained(path, subfolder=scheduler_folder)
 
-        unet, scheduler = load_checkpoint(load, checkpoint, what="diffusion model")
+        unet, scheduler = load_checkpoint(
+            load, checkpoint, what="diffusion model", variant=variant
+        )
         if unet.dtype != torch_dtype:
             raise RuntimeError(f"asked diffusers for a {torch_dtype} UNet, got {unet.dtype}")
-        denoiser = cls(unet, scheduler, sigma, resize=resize, checkpoint=str(checkpoint))
+        denoiser = cls(
+            unet, scheduler, sigma, resize=resize, checkpoint=str(checkpoint), variant=variant
+        )
         return denoiser.to(device)
 
     def at(self, sigma: float) -> DDSDenoiser:
         """The same network for another noise level."""
         return DDSDenoiser(
-            self.unet, self.scheduler, sigma, resize=self.resize, checkpoint=self.checkpoint
+            self.unet,
+            self.scheduler,
+            sigma,
+            resize=self.resize,
+            checkpoint=self.checkpoint,
+            variant=self.variant,
         )
 
     def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
@@ -157,6 +183,7 @@ class DDSDenoiser(Denoiser):
         return {
             "denoiser": "dds",
             "checkpoint": self.checkpoint,
+            "variant": self.variant,
             "sigma": self.sigma,
             "model_noise_level": 2 * self.sigma,
             "timestep": self.timestep,
@@ -169,6 +196,12 @@ class DDSDenoiser(Denoiser):
             "sample_size": list(self.sample_size) if self.sample_size else None,
             "dtype": dtype_name(self.unet.dtype),
         }
+
+
+def _folder(config_path: str) -> str | None:
+    """The subfolder holding a config file ("unet/config.json" -> "unet"), None at the root."""
+    folder = Path(config_path).parent.as_posix()
+    return None if folder == "." else folder
 
 
 def _as_size(sample_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:

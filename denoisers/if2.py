@@ -44,9 +44,16 @@ from typing import Any, NamedTuple
 
 import torch
 from diffusers import DDPMScheduler, IFSuperResolutionPipeline, UNet2DConditionModel
+from transformers import T5Tokenizer
 
 from denoisers.pipeline import Denoiser, pad_to_multiple
-from denoisers.registry import dtype_kwargs, dtype_name, load_checkpoint, parse_dtype
+from denoisers.registry import (
+    dtype_kwargs,
+    dtype_name,
+    load_checkpoint,
+    load_tokenizer,
+    parse_dtype,
+)
 from denoisers.timesteps import corrected_timestep, noise_levels, timestep_for_sigma
 
 DEFAULT_CHECKPOINT = "DeepFloyd/IF-II-L-v1.0"
@@ -88,6 +95,10 @@ def load_if2(
     """Load an IFSuperResolutionPipeline (hub id or save_pretrained directory), optionally
     with LoRA weights, embed the prompt once and release the text encoder.
 
+    `variant="fp16"` reads DeepFloyd's `*.fp16.safetensors` files (upcast to `dtype`); the
+    tokenizer may be the hub's slow one (`tokenizer/spiece.model`). Files that are
+    missing or unreadable raise a `CheckpointError` saying which and what to do.
+
     The UNet is returned on the CPU (callers move it); the prompt embedding is on `device`.
     """
     torch_dtype = parse_dtype(dtype)
@@ -95,8 +106,10 @@ def load_if2(
     device = torch.device(device)
 
     def load(path: str) -> IFSuperResolutionPipeline:
+        tokenizer = load_tokenizer(T5Tokenizer, path, what="IF-II model")
         return IFSuperResolutionPipeline.from_pretrained(
             path,
+            tokenizer=tokenizer,
             use_safetensors=True,
             **dtype_kwargs(torch_dtype),
             variant=variant,
@@ -109,7 +122,11 @@ def load_if2(
 
     name = str(checkpoint)
     pipeline = load_checkpoint(
-        load, checkpoint, what="IF-II model", how_to_get=_HOW_TO_GET_IF.format(name=name)
+        load,
+        checkpoint,
+        what="IF-II model",
+        how_to_get=_HOW_TO_GET_IF.format(name=name),
+        variant=variant,
     )
     if pipeline.unet.dtype != torch_dtype:
         raise RuntimeError(f"asked for a {torch_dtype} UNet, got {pipeline.unet.dtype}")

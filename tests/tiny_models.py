@@ -7,11 +7,16 @@ directory and returns that directory, so tests load it back through the same
 call gives the same weights.
 
 - `save_tiny_ddpm(dir, ...)`: a `DDPMPipeline`-style directory (`unet/` holds a
-  `UNet2DModel`, `scheduler/` a `DDPMScheduler`), the layout `denoisers.dds` reads.
-- `save_tiny_if2(dir, ...)`: an `IFSuperResolutionPipeline` with DeepFloyd IF-II's
-  structure (6 input/output channels, `class_embed_type="timestep"`,
-  `addition_embed_type="text"`, simple cross-attention blocks), a tiny T5 encoder and
-  a T5 tokenizer built in memory from a small unigram vocabulary.
+  `UNet2DModel`, `scheduler/` a `DDPMScheduler`), or with `layout="root"` the UNet at
+  the root beside `scheduler_config.json` (google/ddpm-cifar10-32's layout).
+- `save_tiny_if2(dir, ...)` / `save_tiny_if1(dir, ...)`: an `IFSuperResolutionPipeline`
+  with DeepFloyd IF-II's structure (6 input/output channels, `class_embed_type=
+  "timestep"`, `addition_embed_type="text"`, simple cross-attention blocks) / an
+  `IFPipeline` with IF-I's, a tiny T5 encoder and, as on the hub, a slow T5 tokenizer
+  (`tokenizer/spiece.model` of a sentencepiece model trained in memory, no
+  tokenizer.json). `variant="fp16"` saves only `*.fp16.safetensors` weights.
+- `save_to_hub_cache(cache, repo_id, dir)`: a saved folder laid out as a Hugging Face
+  cache entry, to load by hub id offline.
 - `add_random_lora(unet, ...)`: a peft LoRA adapter with non-zero weights (peft's
   default initialisation leaves the adapter a no-op, which would make a test of
   "LoRA changes the output" pass or fail for the wrong reason); `save_tiny_if2_lora`
@@ -21,25 +26,94 @@ call gives the same weights.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-# Words the tiny tokenizer knows; anything else falls back to single letters or <unk>.
+# Words the tiny tokenizer's sentencepiece model is trained on; other text falls back to
+# the pieces it learned (letters) or <unk>.
 _WORDS = ["a", "an", "the", "photo", "of", "this", "is", "sks", "dog", "cat", "type", "food"]
 
 T5_DIM = 16  # d_model of the tiny T5 encoder = encoder_hid_dim of the tiny IF-II UNet
+T5_EXTRA_IDS = 3  # sentinel tokens <extra_id_N> after the pieces (T5 and DeepFloyd: 100)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_spiece_model() -> bytes:
+    """A unigram sentencepiece model (the bytes of a `spiece.model`) trained in memory,
+    with T5's fixed ids: <pad>=0, </s>=1, <unk>=2 and no <s>."""
+    import random
+
+    import sentencepiece
+
+    shuffler = random.Random(0)
+    corpus = [" ".join(shuffler.sample(_WORDS, len(_WORDS))) for _ in range(200)]
+    corpus.append(" ".join("abcdefghijklmnopqrstuvwxyz.,"))
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=48,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def save_slow_t5_tokenizer(directory: str | Path) -> Path:
+    """Write a slow T5 tokenizer as DeepFloyd's hub repositories hold it: `spiece.model`,
+    `tokenizer_config.json` and `special_tokens_map.json`, no `tokenizer.json` (the files
+    transformers 4.x's sentencepiece `T5Tokenizer.save_pretrained` wrote, which diffusers'
+    `convert_if.py` used). transformers 5.x converts it on load with sentencepiece and
+    protobuf."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "spiece.model").write_bytes(tiny_spiece_model())
+    extras = [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)]
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {
+        "additional_special_tokens": extras,
+        "extra_ids": T5_EXTRA_IDS,
+        "sp_model_kwargs": {},
+        "tokenizer_class": "T5Tokenizer",
+        **special,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({"additional_special_tokens": extras, **special}, indent=2)
+    )
+    return directory
 
 
 def tiny_t5_tokenizer():
-    """A `T5Tokenizer` (tokenizers-backed unigram model) over a few words and letters."""
+    """The tiny slow T5 tokenizer (`save_slow_t5_tokenizer`) loaded with `T5Tokenizer`."""
     from transformers import T5Tokenizer
 
-    pieces = ["\u2581" + w for w in _WORDS] + list("abcdefghijklmnopqrstuvwxyz.,") + ["\u2581"]
-    # T5's fixed ids: <pad>=0, </s>=1, <unk>=2; scores only order the unigram pieces.
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [(piece, -1.0 - i) for i, piece in enumerate(pieces)]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    with tempfile.TemporaryDirectory() as folder:
+        return T5Tokenizer.from_pretrained(save_slow_t5_tokenizer(folder))
+
+
+def _as_slow_tokenizer(pipeline_directory: Path) -> None:
+    """Replace the `tokenizer/` that `save_pretrained` wrote (tokenizer.json) by the hub's
+    slow layout of the same tokenizer."""
+    folder = pipeline_directory / "tokenizer"
+    shutil.rmtree(folder)
+    save_slow_t5_tokenizer(folder)
 
 
 def tiny_ddpm_unet(*, prediction_channels: int = 3, sample_size: int = 16, seed: int = 0):
@@ -67,21 +141,40 @@ def save_tiny_ddpm(
     beta_schedule: str = "linear",
     sample_size: int = 16,
     seed: int = 0,
+    layout: str = "pipeline",
+    variant: str | None = None,
 ) -> Path:
-    """Save a tiny UNet2DModel + DDPMScheduler as `directory/{unet,scheduler}`; return it."""
+    """Save a tiny UNet2DModel + DDPMScheduler into `directory`; return it.
+
+    `layout="pipeline"`: `directory/{unet,scheduler}` (+ model_index.json), what
+    `DDPMPipeline.save_pretrained` writes. `layout="root"`: the UNet's config.json and
+    weights at the root with scheduler_config.json beside them (google/ddpm-cifar10-32).
+    `variant="fp16"`: only half-precision `*.fp16.safetensors` weight files, as
+    DeepFloyd publishes them.
+    """
     from diffusers import DDPMPipeline, DDPMScheduler
 
     directory = Path(directory)
     unet = tiny_ddpm_unet(
         prediction_channels=prediction_channels, sample_size=sample_size, seed=seed
     )
+    if variant is not None:
+        unet = unet.half()
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule=beta_schedule,
         prediction_type=prediction_type,
         variance_type="learned_range" if prediction_channels == 6 else "fixed_small",
     )
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(directory, safe_serialization=True)
+    if layout == "pipeline":
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(
+            directory, safe_serialization=True, variant=variant
+        )
+    elif layout == "root":
+        unet.save_pretrained(directory, safe_serialization=True, variant=variant)
+        scheduler.save_pretrained(directory)
+    else:
+        raise ValueError(f"layout must be 'pipeline' or 'root', got {layout!r}")
     return directory
 
 
@@ -173,11 +266,33 @@ def tiny_if2_pipeline(*, seed: int = 0):
     )
 
 
-def save_tiny_if2(directory: str | Path, *, seed: int = 0) -> Path:
-    """Save a tiny IF-II pipeline with `save_pretrained` (safetensors); return the directory."""
+def _save_if(pipeline, directory: str | Path, variant: str | None, tokenizer: str) -> Path:
+    """`save_pretrained` a tiny IF pipeline in DeepFloyd's hub layout (see `save_tiny_if2`)."""
     directory = Path(directory)
-    tiny_if2_pipeline(seed=seed).save_pretrained(directory, safe_serialization=True)
+    if variant is not None:
+        # Half-precision files, as DeepFloyd's *.fp16.safetensors; cast module by module
+        # (the pipeline's .to(dtype) warns about modules it would keep in fp32).
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.half()
+    pipeline.save_pretrained(directory, safe_serialization=True, variant=variant)
+    if tokenizer == "slow":
+        _as_slow_tokenizer(directory)
+    elif tokenizer != "fast":
+        raise ValueError(f"tokenizer must be 'slow' or 'fast', got {tokenizer!r}")
     return directory
+
+
+def save_tiny_if2(
+    directory: str | Path, *, seed: int = 0, variant: str | None = None, tokenizer: str = "slow"
+) -> Path:
+    """Save a tiny IF-II pipeline with `save_pretrained` (safetensors); return the directory.
+
+    As DeepFloyd's repositories: `tokenizer/` holds the slow T5 tokenizer (spiece.model,
+    no tokenizer.json; `tokenizer="fast"` keeps the tokenizer.json transformers 5 writes),
+    and `variant="fp16"` writes only half-precision `*.fp16.safetensors` weights.
+    """
+    return _save_if(tiny_if2_pipeline(seed=seed), directory, variant, tokenizer)
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
@@ -223,6 +338,32 @@ def go_offline(monkeypatch, cache_dir: str | Path) -> None:
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache_dir))
 
 
+def save_to_hub_cache(
+    cache_dir: str | Path, repo_id: str, folder: str | Path, *, revision: str = "0" * 40
+) -> Path:
+    """Lay the files of `folder` into a Hugging Face cache at `cache_dir` as huggingface_hub
+    does for a download of `repo_id` (models--OWNER--NAME/ with blobs/ named by content
+    hash, snapshots/REVISION/ linking to them, refs/main naming the revision); return the
+    snapshot folder. With `go_offline(monkeypatch, cache_dir)` a test then loads `repo_id`
+    by its hub id, offline, through the same `from_pretrained` calls a user's cache meets.
+    """
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for file in sorted(Path(folder).rglob("*")):
+        if not file.is_file():
+            continue
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
 def tiny_if1_components(*, seed: int = 0) -> dict:
     """The components of a tiny `IFPipeline` (DeepFloyd IF-I's structure: 3 input channels,
     6 output channels = noise + learned variance, T5 text cross-attention, no class
@@ -245,14 +386,15 @@ def tiny_if1_components(*, seed: int = 0) -> dict:
     return components
 
 
-def save_tiny_if1(directory: str | Path, *, seed: int = 0) -> Path:
-    """Save a tiny IF-I (`IFPipeline`) with `save_pretrained` (safetensors); return its folder."""
+def save_tiny_if1(
+    directory: str | Path, *, seed: int = 0, variant: str | None = None, tokenizer: str = "slow"
+) -> Path:
+    """Save a tiny IF-I (`IFPipeline`) with `save_pretrained` (safetensors); return its folder.
+    `variant` and `tokenizer` as in `save_tiny_if2` (default: the hub's slow tokenizer)."""
     from diffusers import IFPipeline
 
-    directory = Path(directory)
     pipeline = IFPipeline(**tiny_if1_components(seed=seed), requires_safety_checker=False)
-    pipeline.save_pretrained(directory, safe_serialization=True)
-    return directory
+    return _save_if(pipeline, directory, variant, tokenizer)
 
 
 def one_thread():
