@@ -405,28 +405,36 @@ def _load_pipelines(
     variant: str | None, device: torch.device,
 ) -> tuple[Any, Any]:
     from diffusers import IFPipeline, IFSuperResolutionPipeline
+    from transformers import T5Tokenizer
 
     from denoisers.if2 import _HOW_TO_GET_IF
-    from denoisers.registry import dtype_kwargs, load_checkpoint
+    from denoisers.registry import dtype_kwargs, load_checkpoint, load_tokenizer
 
     common = {"use_safetensors": True, "variant": variant, **dtype_kwargs(torch_dtype)}
+    what1, what2 = "IF-I model (synthesis stage 1)", "IF-II model (synthesis stage 2)"
 
+    # The tokenizers load on their own so that one that cannot be read (the hub's slow
+    # T5 tokenizer without sentencepiece/protobuf) is named as such.
     def load1(path: str) -> Any:
-        return IFPipeline.from_pretrained(path, **common)
+        tokenizer = load_tokenizer(T5Tokenizer, path, what=what1)
+        return IFPipeline.from_pretrained(path, tokenizer=tokenizer, **common)
 
     def load2(path: str) -> Any:
         # Stage 2 reuses stage 1's prompt embeddings: its own T5 copy is not loaded.
-        return IFSuperResolutionPipeline.from_pretrained(path, text_encoder=None, **common)
+        tokenizer = load_tokenizer(T5Tokenizer, path, what=what2)
+        return IFSuperResolutionPipeline.from_pretrained(
+            path, text_encoder=None, tokenizer=tokenizer, **common
+        )
 
     pipe1 = load_checkpoint(
-        load1, stage1, what="IF-I model (synthesis stage 1)",
-        how_to_get=_HOW_TO_GET_IF.format(name=str(stage1)),
+        load1, stage1, what=what1, how_to_get=_HOW_TO_GET_IF.format(name=str(stage1)),
+        variant=variant,
     )
     if pipe1.text_encoder is None or pipe1.tokenizer is None:
         raise AdaptError(f"{stage1} has no text encoder/tokenizer to embed the prompts with")
     pipe2 = load_checkpoint(
-        load2, stage2, what="IF-II model (synthesis stage 2)",
-        how_to_get=_HOW_TO_GET_IF.format(name=str(stage2)),
+        load2, stage2, what=what2, how_to_get=_HOW_TO_GET_IF.format(name=str(stage2)),
+        variant=variant,
     )
     hidden = pipe1.text_encoder.config.d_model
     expected = pipe2.unet.config.encoder_hid_dim

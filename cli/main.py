@@ -201,8 +201,10 @@ def _with_denoiser(
 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """The base classifier to smooth: the classifier itself, or denoise-then-classify."""
     if options["denoiser"] == "none":
-        if options["denoiser_checkpoint"] or options["lora"]:
-            raise click.UsageError("--denoiser-checkpoint and --lora need --denoiser dds or if2")
+        if options["denoiser_checkpoint"] or options["lora"] or options["variant"]:
+            raise click.UsageError(
+                "--denoiser-checkpoint, --lora and --variant need --denoiser dds or if2"
+            )
         return classifier, None
     denoiser = build_denoiser(options, options["sigma"], options["k"], device)
     base = denoisers.DenoiseAndClassify(denoiser, classifier, options["sigma"])

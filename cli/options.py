@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,16 @@ DEVICE_OPTIONS = [
                  help="Precision of the forward passes (autocast; the denoiser's weights)."),
 ]
 
+def _variant_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # A variant is a word inside file names (NAME.VARIANT.safetensors): nothing else.
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9_]+", value):
+        raise click.BadParameter(
+            f"expected a word such as fp16 (letters, digits, _), got {value!r}",
+            param_hint="--variant",
+        )
+    return value
+
+
 DENOISER_OPTIONS = [
     click.option("--denoiser-checkpoint",
                  help="Hub id or local folder of the denoiser [if2: DeepFloyd/IF-II-L-v1.0; "
@@ -48,6 +59,10 @@ DENOISER_OPTIONS = [
     click.option("--token", default="", help="if2: word put in the prompt's '{}'."),
     click.option("--lora", type=click.Path(file_okay=False),
                  help="if2: folder of LoRA weights from `adapt personalize`."),
+    click.option("--variant", callback=_variant_name,
+                 help="Weight-file variant of the denoiser checkpoint: fp16 reads "
+                      "*.fp16.safetensors (DeepFloyd's half-precision files; weights are "
+                      "cast to --dtype)."),
 ]
 
 
@@ -85,6 +100,8 @@ def build_denoiser(options: dict[str, Any], sigma: float, k: float, device: str)
         checkpoint = str(denoisers.BUNDLED_DIGITS_DDPM)
     if checkpoint is not None:
         built["checkpoint"] = checkpoint
+    if options["variant"] is not None:
+        built["variant"] = options["variant"]
     if name == "if2":
         built.update(k=k, prompt=options["prompt"], token=options["token"], lora=options["lora"])
     elif options["lora"] or options["prompt"] or options["token"]:
