@@ -216,6 +216,27 @@ def test_variant_the_folder_lacks_is_one_clear_error(name, tmp_path, if2_dir):
     assert "has no 'fp16' variant weights" in message and "plain weights" in message
 
 
+def test_cached_variant_only_repository_without_variant_says_which_to_pass(
+    if2_fp16_dir, tmp_path, monkeypatch
+):
+    cache = tmp_path / "hub"
+    save_to_hub_cache(cache, "DeepFloyd/IF-II-L-v1.0", if2_fp16_dir)
+    go_offline(monkeypatch, cache)
+    with pytest.raises(UnreadableCheckpointError) as info:
+        DENOISERS.build("if2", sigma=SIGMA)
+    message = str(info.value)
+    assert "'DeepFloyd/IF-II-L-v1.0' (cached in" in message
+    assert "--variant fp16" in message and "offline" not in message
+
+
+def test_pickled_weights_only_are_named(tmp_path):
+    folder = save_tiny_ddpm(tmp_path / "ddpm")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))  # as old repositories ship them
+    with pytest.raises(UnreadableCheckpointError, match=r"only pickled PyTorch weights"):
+        DENOISERS.build("dds", sigma=SIGMA, checkpoint=str(folder))
+
+
 # --------------------------------------------------------------------- dds layouts
 
 
