@@ -72,7 +72,9 @@ def if2_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def if2_fp16_dir(tmp_path_factory):
-    return save_tiny_if2(tmp_path_factory.mktemp("if2_fp16"), variant="fp16")
+    # As DeepFloyd's repositories: fp16 files only, the T5 weights in shards.
+    folder = tmp_path_factory.mktemp("if2_fp16")
+    return save_tiny_if2(folder, variant="fp16", text_encoder_shard_size="2KB")
 
 
 @pytest.fixture
@@ -183,6 +185,8 @@ def test_variant_only_ddpm_loads_the_fp16_weights(tmp_path):
 
 def test_variant_only_if2_loads_the_fp16_unet_and_text_encoder(if2_fp16_dir):
     assert set(weight_variants(if2_fp16_dir)) == {"fp16"}
+    assert (if2_fp16_dir / "text_encoder" / "model.safetensors.index.fp16.json").is_file()
+    assert len(weight_variants(if2_fp16_dir / "text_encoder")["fp16"]) > 1
     denoiser = DENOISERS.build("if2", sigma=SIGMA, checkpoint=str(if2_fp16_dir), variant="fp16")
     pipeline = tiny_if2_pipeline(seed=0)
     assert_same_weights(denoiser.unet.state_dict(), rounded(pipeline.unet.state_dict()))

@@ -266,7 +266,13 @@ def tiny_if2_pipeline(*, seed: int = 0):
     )
 
 
-def _save_if(pipeline, directory: str | Path, variant: str | None, tokenizer: str) -> Path:
+def _save_if(
+    pipeline,
+    directory: str | Path,
+    variant: str | None,
+    tokenizer: str,
+    text_encoder_shard_size: str | None,
+) -> Path:
     """`save_pretrained` a tiny IF pipeline in DeepFloyd's hub layout (see `save_tiny_if2`)."""
     directory = Path(directory)
     if variant is not None:
@@ -276,6 +282,12 @@ def _save_if(pipeline, directory: str | Path, variant: str | None, tokenizer: st
             if isinstance(component, torch.nn.Module):
                 component.half()
     pipeline.save_pretrained(directory, safe_serialization=True, variant=variant)
+    if text_encoder_shard_size is not None:
+        # The pipeline's save does not pass a shard size on to transformers.
+        shutil.rmtree(directory / "text_encoder")
+        pipeline.text_encoder.save_pretrained(
+            directory / "text_encoder", variant=variant, max_shard_size=text_encoder_shard_size
+        )
     if tokenizer == "slow":
         _as_slow_tokenizer(directory)
     elif tokenizer != "fast":
@@ -284,15 +296,24 @@ def _save_if(pipeline, directory: str | Path, variant: str | None, tokenizer: st
 
 
 def save_tiny_if2(
-    directory: str | Path, *, seed: int = 0, variant: str | None = None, tokenizer: str = "slow"
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    variant: str | None = None,
+    tokenizer: str = "slow",
+    text_encoder_shard_size: str | None = None,
 ) -> Path:
     """Save a tiny IF-II pipeline with `save_pretrained` (safetensors); return the directory.
 
     As DeepFloyd's repositories: `tokenizer/` holds the slow T5 tokenizer (spiece.model,
     no tokenizer.json; `tokenizer="fast"` keeps the tokenizer.json transformers 5 writes),
-    and `variant="fp16"` writes only half-precision `*.fp16.safetensors` weights.
+    `variant="fp16"` writes only half-precision `*.fp16.safetensors` weights, and
+    `text_encoder_shard_size` (e.g. "2KB") shards the T5 weights
+    (model.fp16-0000i-of-0000n.safetensors + model.safetensors.index.fp16.json).
     """
-    return _save_if(tiny_if2_pipeline(seed=seed), directory, variant, tokenizer)
+    return _save_if(
+        tiny_if2_pipeline(seed=seed), directory, variant, tokenizer, text_encoder_shard_size
+    )
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
@@ -387,14 +408,19 @@ def tiny_if1_components(*, seed: int = 0) -> dict:
 
 
 def save_tiny_if1(
-    directory: str | Path, *, seed: int = 0, variant: str | None = None, tokenizer: str = "slow"
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    variant: str | None = None,
+    tokenizer: str = "slow",
+    text_encoder_shard_size: str | None = None,
 ) -> Path:
     """Save a tiny IF-I (`IFPipeline`) with `save_pretrained` (safetensors); return its folder.
-    `variant` and `tokenizer` as in `save_tiny_if2` (default: the hub's slow tokenizer)."""
+    The keywords are those of `save_tiny_if2` (default: the hub's slow tokenizer)."""
     from diffusers import IFPipeline
 
     pipeline = IFPipeline(**tiny_if1_components(seed=seed), requires_safety_checker=False)
-    return _save_if(pipeline, directory, variant, tokenizer)
+    return _save_if(pipeline, directory, variant, tokenizer, text_encoder_shard_size)
 
 
 def one_thread():
