@@ -110,14 +110,15 @@ def load_checkpoint(
     name = str(checkpoint)
     path = Path(name).expanduser()
     if path.is_dir():
+        # Checked first: the loaders would fail too, after logging errors of their own.
+        reason = explain_weight_files(path, variant)
+        if reason is not None:
+            raise UnreadableCheckpointError(f"{what}: {path} {reason}")
         try:
             return loader(str(path))
         except CheckpointError:
             raise
         except (OSError, ValueError) as error:
-            reason = explain_weight_files(path, variant)
-            if reason is not None:
-                raise UnreadableCheckpointError(f"{what}: {path} {reason}") from error
             if isinstance(error, OSError):
                 raise CheckpointNotFoundError(
                     f"{what}: {path} is not a complete save_pretrained directory ({error})"
@@ -193,11 +194,12 @@ def explain_weight_files(folder: str | Path, variant: str | None) -> str | None:
             f"{found[others[0]][0]}): pass --variant {others[0]} (variant={others[0]!r})"
         )
     if variant is not None and variant not in found:
-        has = ", ".join(repr(v) for v in others) or "none"
-        plain = " and plain weights (no --variant)" if None in found else ""
+        kinds = [f"{v!r} variant weights" for v in others]
+        if None in found:
+            kinds.append("plain weights (no --variant)")
         return (
-            f"has no {variant!r} variant weights (*.{variant}.safetensors); the variants it "
-            f"has: {has}{plain}"
+            f"has no {variant!r} variant weights (*.{variant}.safetensors); it has "
+            f"{' and '.join(kinds)}"
         )
     return None
 
