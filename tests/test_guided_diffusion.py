@@ -210,6 +210,30 @@ def test_preset_is_the_published_256x256_uncond_layout():
         check_state_dict(state, preset.replace(num_channels=128))
 
 
+@pytest.mark.slow
+def test_full_size_preset_computes_what_the_original_computes():
+    # The 552,814,086-parameter 256x256 uncond architecture with random weights (the real
+    # checkpoint cannot be had here), at a 64 x 64 input so that it runs on a CPU in
+    # about half a minute: every level, down to 2 x 2, and every attention block is used.
+    flags = {
+        "image_size": 256, "num_channels": 256, "num_res_blocks": 2,
+        "channel_mult": (1, 1, 2, 2, 4, 4), "attention_resolutions": (32, 16, 8),
+        "num_head_channels": 64, "resblock_updown": True, "use_scale_shift_norm": True,
+        "learn_sigma": True, "use_new_attention_order": False,
+    }
+    model = original_model(flags)
+    unet = convert_state_dict(model.state_dict(), PRESETS["imagenet256-uncond"])
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 64, 64, generator=generator)
+    t = torch.tensor([145])
+    with torch.no_grad():
+        expected = model(x, t)
+        del model
+        got = unet(x, t).sample
+    assert expected.std() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ the schedule
 
 
