@@ -99,7 +99,7 @@ def convert_command(checkpoint: str, output: str, preset: str, overwrite: bool,
     try:
         config: GuidedDiffusionConfig = PRESETS[preset].replace(**changes)
         written = convert_checkpoint(checkpoint, config, output, overwrite=overwrite)
-    except (GuidedDiffusionCheckpointError, FileExistsError) as error:
+    except (GuidedDiffusionCheckpointError, OSError) as error:  # OSError: exists, unwritable
         raise CommandError(str(error)) from error
     click.echo(
         f"wrote {written} ({'learned' if config.learn_sigma else 'fixed'}-variance UNet, "

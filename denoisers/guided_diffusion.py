@@ -52,7 +52,8 @@ NOISE_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
 class GuidedDiffusionCheckpointError(ValueError):
-    """A checkpoint that cannot be read, or does not match the given hyperparameters."""
+    """A checkpoint that cannot be read or does not match the hyperparameters, or
+    hyperparameters that describe no guided-diffusion UNet."""
 
 
 @dataclass(frozen=True)

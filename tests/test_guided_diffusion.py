@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from diffusers import DDPMScheduler, UNet2DModel
 
 from cli.convert import convert_command
+from denoisers import build_denoiser
 from denoisers.dds import DDSDenoiser
 from denoisers.guided_diffusion import (
     PRESETS,
@@ -276,8 +277,9 @@ def test_dds_gives_guided_diffusions_pred_xstart(tiny, sigma, monkeypatch, tmp_p
     # with clip_denoised=True, mapped back to [0, 1].
     model, _, converted = tiny
     go_offline(monkeypatch, tmp_path / "hub")
-    denoiser = DDSDenoiser.from_pretrained(converted, sigma=sigma)
-    assert denoiser.learned_variance
+    # What `certify --denoiser dds --denoiser-checkpoint FOLDER` builds (from_pretrained).
+    denoiser = build_denoiser("dds", sigma=sigma, checkpoint=str(converted), device="cpu")
+    assert isinstance(denoiser, DDSDenoiser) and denoiser.learned_variance
     diffusion = create_gaussian_diffusion(
         steps=1000, learn_sigma=True, noise_schedule="linear", timestep_respacing=""
     )
