@@ -82,8 +82,8 @@ class DatasetProtocol:
     if2_template: str
     # raw names (what torchvision's class, or our list, gives) -> the names prompts use
     name_rule: Callable[[str], str]
-    # where the raw names come from: "torchvision" (the loaded dataset's own), "ours"
-    # (`dataset_class_names`, the reference's own list), "clip-imagenet" (same)
+    # where the raw names come from: "torchvision" (the loaded dataset's own names) or
+    # "ours" (`dataset_class_names`, which holds the same list as the reference)
     names_from: str = "torchvision"
     source: str = ""
 
@@ -145,8 +145,6 @@ class Protocol:
         base = build_benchmark(dataset, split=split, data_root=data_root)
         source = base.source
         raw = getattr(source, "classes", None) or getattr(source, "categories", None)
-        if dataset == "imagenet":
-            raw = None  # wnids; the names are CLIP's (facts.names_from)
         names = self.class_names(dataset, None if raw is None else list(raw))
         if len(names) != len(base.classes):
             raise ProtocolError(
@@ -182,7 +180,7 @@ CHOI2024 = Protocol(
         facts.dataset: facts
         for facts in (
             DatasetProtocol("imagenet", "ImageNet", _THIS_IS, _IF_THIS_IS, _unchanged,
-                            names_from="clip-imagenet",
+                            names_from="ours",
                             source="TeCoA/imagenet_classes_names_clip.txt (= open_clip's "
                                    "IMAGENET_CLASSNAMES, all 1000 equal)"),
             DatasetProtocol("stl10", "STL10", _THIS_IS, _IF_THIS_IS, _lower_slash,

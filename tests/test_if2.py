@@ -395,3 +395,18 @@ def test_denoise_at_timesteps_rounds_as_asked(denoiser, monkeypatch):
     assert calls[0]["class_labels"].dtype == torch.long
     torch.testing.assert_close(calls[1]["class_labels"],
                                torch.tensor([289 * 1.8, 1000.0], dtype=torch.float32))
+
+
+def test_reference_rounding_keeps_its_float_label_with_a_bf16_unet(if2_dir, monkeypatch):
+    # bf16 cannot hold 520.2 (it rounds to 520): the label must stay float32 up to the
+    # UNet's sinusoidal embedding, whatever the UNet's dtype.
+    model = DENOISERS.build("if2", sigma=SIGMA, checkpoint=str(if2_dir), dtype="bf16",
+                            timestep_rounding="reference")
+    assert model.unet.dtype == torch.bfloat16
+    calls = record_unet_calls(model, monkeypatch)
+    with torch.no_grad():
+        out = model(noisy_batch((1, 3, 8, 8))[1], SIGMA)
+    assert calls[0]["class_labels"].dtype == torch.float32
+    assert calls[0]["class_labels"].tolist() == [pytest.approx(520.2, abs=1e-4)]
+    assert torch.isfinite(out).all() and out.dtype == torch.float32
+    assert model.settings()["timestep_rounding"] == "reference"
