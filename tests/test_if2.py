@@ -257,6 +257,7 @@ def test_settings_are_json_and_complete(denoiser, if2_dir):
     assert settings["timestep"] == t_hat
     assert settings["corrected_timestep"] == t_prime
     assert settings["k"] == 1.8
+    assert settings["timestep_rounding"] == "floor"
     assert settings["prompt"] == ""
     assert settings["lora"] is None
     assert settings["dtype"] == "fp32"

@@ -332,6 +332,28 @@ def test_denoise_under_the_protocol_with_k_zero(caltech_root, if2_dir, tmp_path,
     assert all(label.dtype == torch.float32 for label in labels)  # reference rounding
 
 
+@pytest.mark.parametrize(("args", "rounding", "label"), [
+    ([], "floor", 520), (["--timestep-rounding", "reference"], "reference", 289 * 1.8)])
+def test_timestep_rounding_is_recorded_either_way(if2_dir, tmp_path, native_size, args,
+                                                  rounding, label):
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.new("RGB", (12, 10), (200, 30, 30)).save(tmp_path / "images" / name / "a.png")
+    with recording_classifier():
+        result = CliRunner().invoke(certify_command, [
+            "--dataset", f"folder:{tmp_path / 'images'}", "--model", "recorder",
+            "--denoiser", "if2", "--denoiser-checkpoint", str(if2_dir), "--max", "1",
+            "--out", str(tmp_path / "run"), *args, *FAST])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "run.json").read_text())["settings"]
+    assert settings["protocol"] is None
+    assert settings["denoiser"]["timestep_rounding"] == rounding
+    assert settings["denoiser"]["corrected_timestep"] == pytest.approx(label)
+    assert isinstance(settings["denoiser"]["corrected_timestep"],
+                      int if rounding == "floor" else float)
+    assert settings["denoiser"]["prompt"] == ""  # the plain default
+
+
 def test_k_zero_is_accepted_and_negative_k_refused(tmp_path):
     ok = CliRunner().invoke(certify_command, [
         "--k", "0", "--max", "1", "--n0", "2", "--n", "4", "--quiet",
