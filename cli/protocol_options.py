@@ -17,8 +17,7 @@ from click.core import ParameterSource
 
 from classifiers.protocols import PROTOCOLS, DatasetProtocol, Protocol, get_protocol
 from cli.errors import CommandError
-
-ROUNDINGS = ("floor", "reference")
+from denoisers.timesteps import TIMESTEP_ROUNDINGS
 
 PROTOCOL_OPTIONS = [
     click.option("--protocol", default="none", show_default=True,
@@ -26,7 +25,7 @@ PROTOCOL_OPTIONS = [
                       f"class names, one CLIP template, IF-II prompt, every "
                       f"floor(len/500)-th example and reference rounding. Known: "
                       f"{', '.join(PROTOCOLS)}."),
-    click.option("--timestep-rounding", type=click.Choice(ROUNDINGS), default=None,
+    click.option("--timestep-rounding", type=click.Choice(TIMESTEP_ROUNDINGS), default=None,
                  help="if2: t' = k t as floor(k t) clamped to T-1 (floor, in IF-II's "
                       "training range) or the reference code's float k t clamped to T "
                       "(reference). [default: floor; reference under --protocol choi2024]"),
