@@ -312,7 +312,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             split_note=_NO_SPLITS, name_from_raw=_caltech256_name,
         ),
         BenchmarkSpec(
-            "cropdiseases", "CropDiseases (PlantVillage, 38 classes)", "crop-disease/train",
+            "cropdiseases", "CropDiseases (PlantVillage)", "crop-disease/train",
             {"test": {"folder": "crop-disease/train", "count": 38}}, 38, _open_class_folders,
             how_to_get=(
                 "get the PlantVillage images of the CropDiseases benchmark (Mohanty et al. "
@@ -323,7 +323,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             split_note="`test` reads crop-disease/train, as the reference code does",
         ),
         BenchmarkSpec(
-            "isic", "ISIC 2018 Task 3 (skin lesions, 7 classes)", "isic2018",
+            "isic", "ISIC 2018 Task 3", "isic2018",
             {"test": {"folder": "isic2018", "count": 7, "order": ISIC_CODES}}, 7,
             _open_class_folders,
             how_to_get=(
@@ -559,7 +559,8 @@ def _clip_benchmark_json(filename: str) -> dict[str, list[str]]:
 
 def _register() -> None:
     for spec in BENCHMARKS.values():
-        DATASETS.register(spec.name, f"{spec.title} (torchvision, data root required)")(
+        kind = "class folders" if spec.open is _open_class_folders else "torchvision"
+        DATASETS.register(spec.name, f"{spec.title}: {kind}, data root required")(
             partial(build_benchmark, spec.name)
         )
     DATASETS.register("folder:", "an ImageFolder at PATH: one subfolder per class")(
