@@ -27,10 +27,9 @@ This module only states facts about datasets; the CLI wires them into the runs.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .datasets import ImageDataset, build_benchmark, dataset_class_names
@@ -97,7 +96,6 @@ class Protocol:
     datasets: Mapping[str, DatasetProtocol]
     subsample_rows: int = 500
     timestep_rounding: str = "reference"
-    notes: tuple[str, ...] = field(default=())
 
     def for_dataset(self, dataset: str) -> DatasetProtocol:
         """The facts for `dataset`, or a ProtocolError naming the datasets covered."""
@@ -111,7 +109,7 @@ class Protocol:
 
     def subsample_skip(self, length: int) -> int:
         """floor(len / 500): the step of the evaluation subset (evaluate.py)."""
-        skip = math.floor(length / self.subsample_rows)
+        skip = length // self.subsample_rows  # floor, in integers
         if skip < 1:
             # The reference code would divide by zero here (i % 0).
             raise ProtocolError(
