@@ -15,8 +15,15 @@ normalization belongs to each classifier's forward.
 
 Splits: `test`, `val`, `train`, mapped per dataset (see `split_names`). ImageNet's
 `test` is its public validation set (as in Cohen et al.'s code). Caltech-101,
-SUN397 and EuroSAT have no predefined splits in torchvision: `test` is the whole
-set there (the paper subsamples about 500 images for evaluation anyway).
+Caltech-256, SUN397 and EuroSAT have no predefined splits in torchvision: `test` is the
+whole set there (the paper subsamples about 500 images for evaluation anyway).
+
+CropDiseases and ISIC, which torchvision lacks, are class-folder trees: `cropdiseases`
+reads DATA_ROOT/crop-disease/train/<38 PlantVillage folders> (sorted, as ImageFolder
+and the reference code do); `isic` reads DATA_ROOT/isic2018/<code>/ with one folder per
+diagnosis column of ISIC 2018 Task 3's ground-truth CSV, labelled in that column order
+(`ISIC_CODES`), as the reference code labels them. Their class names and single
+templates are the reference code's (robustify-T2I TeCoA/cross_datasets.py).
 
 Class names and CLIP prompt templates (`dataset_class_names`, `dataset_templates`)
 need no data on disk:
@@ -28,7 +35,10 @@ need no data on disk:
   `data/prompts.md`), in torchvision's label order; when the data is present the
   loader checks them against torchvision's own class names.
 - templates for all but ImageNet: `clip_benchmark/datasets/
-  en_zeroshot_classification_templates.json`, with `{c}` written as `{}`.
+  en_zeroshot_classification_templates.json`, with `{c}` written as `{}` (Caltech-256
+  takes Caltech-101's; CropDiseases and ISIC the one template of Mao et al.).
+- Caltech-256: the names of its category folders ("002.american-flag" -> "american
+  flag"), so they need the data on disk.
 """
 
 from __future__ import annotations
@@ -134,6 +144,8 @@ class BenchmarkSpec:
     names_follow_torchvision: bool = False
     how_to_get: str = ""
     split_note: str = ""
+    # Class names that only the files hold (Caltech-256's category folders): raw -> ours.
+    name_from_raw: Callable[[str], str] | None = None
 
 
 def _torchvision(class_name: str, root: Path, transform: Callable, **kwargs: Any) -> Any:
@@ -157,6 +169,48 @@ def _open_imagenet(root: Path, transform: Callable, folder: str) -> Any:
         )
     return dataset
 
+
+def _open_class_folders(
+    root: Path, transform: Callable, folder: str, count: int,
+    order: Sequence[str] | None = None,
+) -> Any:
+    """An ImageFolder of `count` class folders under root/folder.
+
+    `order` fixes which folder is which label (ISIC: the ground-truth CSV's column order);
+    without it the folders are sorted, as ImageFolder (and the reference code) does.
+    """
+    from torchvision.datasets import ImageFolder
+
+    path = root / folder
+    found = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    if order is not None and sorted(order) != found:
+        raise ValueError(
+            f"{path} must hold exactly the class folders {', '.join(order)}; found "
+            f"{', '.join(found) or 'none'}"
+        )
+    if len(found) != count:
+        raise ValueError(f"{path} must hold {count} class folders, found {len(found)}")
+
+    class OrderedImageFolder(ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            if order is None:
+                return super().find_classes(directory)
+            return list(order), {name: i for i, name in enumerate(order)}
+
+    return OrderedImageFolder(str(path), transform=transform)
+
+
+def _caltech256_name(raw: str) -> str:
+    # "001.ak47" -> "ak47", "253.faces-easy-101" -> "faces easy": the folder name without
+    # its number and Caltech-101's "-101" mark, hyphens and underscores as spaces (the
+    # reference code's rule, robustify-T2I replace/caltech.py).
+    name = raw.split(".", 1)[1] if "." in raw else raw
+    return " ".join(name.replace("-101", "").replace("_", " ").replace("-", " ").split())
+
+
+# ISIC 2018 Task 3's diagnosis codes in its ground-truth CSV's column order (the label
+# order of the reference code, which takes the argmax over these columns).
+ISIC_CODES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 
 _TV_HOW = (
     "on a machine with network run\n"
@@ -252,6 +306,35 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             ),
         ),
         BenchmarkSpec(
+            "caltech256", "Caltech-256", "caltech256/256_ObjectCategories",
+            {"test": {}}, 257, partial(_torchvision, "Caltech256"),
+            how_to_get=_tv_how("Caltech256('DIR', download=True)", "caltech256"),
+            split_note=_NO_SPLITS, name_from_raw=_caltech256_name,
+        ),
+        BenchmarkSpec(
+            "cropdiseases", "CropDiseases (PlantVillage)", "crop-disease/train",
+            {"test": {"folder": "crop-disease/train", "count": 38}}, 38, _open_class_folders,
+            how_to_get=(
+                "get the PlantVillage images of the CropDiseases benchmark (Mohanty et al. "
+                "2016; e.g. the cross-domain few-shot learning benchmark's copy) and put its "
+                "38 class folders (Apple___Apple_scab, ..., Tomato___healthy) in "
+                "{root}/crop-disease/train/, the layout the reference code reads"
+            ),
+            split_note="`test` reads crop-disease/train, as the reference code does",
+        ),
+        BenchmarkSpec(
+            "isic", "ISIC 2018 Task 3", "isic2018",
+            {"test": {"folder": "isic2018", "count": 7, "order": ISIC_CODES}}, 7,
+            _open_class_folders,
+            how_to_get=(
+                "get ISIC2018_Task3_Training_Input and its GroundTruth CSV from "
+                "challenge.isic-archive.com and sort the images into one folder per "
+                "diagnosis column of the CSV: {root}/isic2018/"
+                + "/, ".join(ISIC_CODES) + "/"
+            ),
+            split_note="`test` is the Task 3 training set, as in the reference code",
+        ),
+        BenchmarkSpec(
             "eurosat", "EuroSAT (RGB)", "eurosat/2750",
             {"test": {}}, 10, partial(_torchvision, "EuroSAT"),
             how_to_get=_tv_how("EuroSAT('DIR', download=True)", "eurosat"),
@@ -263,7 +346,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 # Keys of the two clip-benchmark JSON files, where they differ from ours.
 _CLIP_BENCHMARK_NAMES = {"pets": "pets", "flowers102": "flowers", "eurosat": "eurosat",
                          "caltech101": "caltech101"}
-_CLIP_BENCHMARK_TEMPLATES = {"flowers102": "flowers"}
+_CLIP_BENCHMARK_TEMPLATES = {"flowers102": "flowers", "caltech256": "caltech101"}
+# No zero-shot templates are published for these but the one of Mao et al. (2023) that
+# the reference code uses (robustify-T2I TeCoA/cross_datasets.py).
+_EMBEDDED_TEMPLATES = {"cropdiseases": ("A leaf photo of {}.",), "isic": ("A photo of {}.",)}
 
 
 def split_names(name: str) -> list[str]:
@@ -280,6 +366,12 @@ def dataset_class_names(name: str) -> list[str]:
     if name.startswith("folder:"):
         return _folder_class_names(Path(name[len("folder:") :]).expanduser())
     spec = _spec(name)
+    if spec.name_from_raw is not None:
+        raise DatasetNotFoundError(
+            f"the class names of {spec.title} are its folders' names: they come with the "
+            f"data (build_dataset({name!r}, data_root=...)); to get it, "
+            + spec.how_to_get.replace("{root}", "DATA_ROOT")
+        )
     if spec.name == "imagenet":
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
@@ -307,6 +399,8 @@ def dataset_templates(name: str) -> list[str]:
     """
     if name.startswith("folder:") or _spec(name).name == "imagenet":
         return default_templates()
+    if name in _EMBEDDED_TEMPLATES:
+        return list(_EMBEDDED_TEMPLATES[name])
     key = _CLIP_BENCHMARK_TEMPLATES.get(name, name)
     templates = _clip_benchmark_json("en_zeroshot_classification_templates.json")[key]
     return [_placeholder(t) for t in templates]
@@ -353,8 +447,16 @@ def build_benchmark(name: str, split: str = "test", data_root: str | os.PathLike
         raise DatasetNotFoundError(
             _missing_message(spec, expected, root) + f"\n({error})"
         ) from error
-    classes = dataset_class_names(name)
     raw = getattr(source, "classes", None) or getattr(source, "categories", None)
+    if spec.name_from_raw is not None:
+        classes = [spec.name_from_raw(c) for c in raw]
+        if len(classes) != spec.num_classes:
+            raise ValueError(
+                f"{expected}: torchvision finds {len(classes)} classes for {spec.name!r}, "
+                f"expected {spec.num_classes}; the files are incomplete or not {spec.title}"
+            )
+    else:
+        classes = dataset_class_names(name)
     if raw is not None and spec.name != "imagenet":
         _check_class_names(spec, list(raw), classes, expected)
     return ImageDataset(source, classes, name=name, split=split)
@@ -457,7 +559,8 @@ def _clip_benchmark_json(filename: str) -> dict[str, list[str]]:
 
 def _register() -> None:
     for spec in BENCHMARKS.values():
-        DATASETS.register(spec.name, f"{spec.title} (torchvision, data root required)")(
+        kind = "class folders" if spec.open is _open_class_folders else "torchvision"
+        DATASETS.register(spec.name, f"{spec.title}: {kind}, data root required")(
             partial(build_benchmark, spec.name)
         )
     DATASETS.register("folder:", "an ImageFolder at PATH: one subfolder per class")(
@@ -474,6 +577,26 @@ _register()
 # category paths with "_" and "/" read as spaces, Food-101's its folder names
 # with "_" as spaces, as clip-benchmark derives them.
 _EMBEDDED_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    # The reference code's names (robustify-T2I TeCoA/cross_datasets.py), in the order of
+    # the sorted PlantVillage folders (CropDiseases) and of ISIC_CODES.
+    "cropdiseases": (
+        "Apple Scab", "Apple Black Rot", "Apple Cedar Rust", "Apple healthy",
+        "Blueberry healthy", "Cherry Powdery Mildew", "Cherry healthy", "Corn Gray Leaf Spot",
+        "Corn Common Rust", "Corn Northern Leaf Blight", "Corn healthy", "Grape Black Rot",
+        "Grape Black Measles (Esca)", "Grape Leaf Blight", "Grape Healthy",
+        "Orange Huanglongbing (Citrus Greening)", "Peach Bacterial Spot", "Peach healthy",
+        "Bell Pepper Bacterial Spot", "Bell Pepper healthy", "Potato Early Blight",
+        "Potato Late Blight", "Potato healthy", "Raspberry healthy", "Soybean healthy",
+        "Squash Powdery Mildew", "Strawberry Leaf Scorch", "Strawberry Healthy",
+        "Tomato Bacterial Spot", "Tomato Early Blight", "Tomato Late Blight",
+        "Tomato Leaf Mold", "Tomato Septoria Leaf Spot", "Tomato Two Spotted Spider Mite",
+        "Tomato Target Spot", "Tomato Yellow Leaf Curl Virus", "Tomato Mosaic Virus",
+        "Tomato healthy",
+    ),
+    "isic": (
+        "Melanoma", "Melanocytic nevus", "Basal cell carcinoma", "Actinic keratosis",
+        "Benign keratosis", "Dermatofibroma", "Vascular lesion",
+    ),
     "cifar10": (
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
     ),

@@ -23,6 +23,7 @@ from cli.options import (
     denoiser_choice,
     resolve_device,
 )
+from cli.protocol_options import PROTOCOL_OPTIONS, resolve_protocol
 from smoothing.runner import example_generator
 
 
@@ -51,9 +52,11 @@ def _numbers(kind: type, flag: str, positive: bool = True):
               help="Dataset indices of the images to show (one row each).")
 @click.option("--sigmas", default="0.25,0.5,1.0", callback=_numbers(float, "--sigmas"),
               help="Noise levels (std in [0, 1] pixel space), one column group each.")
-@click.option("--k", "ks", default="1.8", callback=_numbers(float, "--k"),
-              help="if2: correction factors t' = k t, one denoised column each (try 1,1.8,2.5).")
-@apply([denoiser_choice(allow_none=False), *DENOISER_OPTIONS, *DEVICE_OPTIONS])
+@click.option("--k", "ks", default="1.8", callback=_numbers(float, "--k", positive=False),
+              help="if2: correction factors t' = k t (>= 0), one denoised column each "
+                   "(try 0,1,1.8,2.5).")
+@apply([denoiser_choice(allow_none=False), *DENOISER_OPTIONS, *PROTOCOL_OPTIONS,
+        *DEVICE_OPTIONS])
 @click.option("--seed", type=int, default=0, help="Noise seed (the runner's seeding rule).")
 @click.option("--out", type=click.Path(dir_okay=False), default="runs/denoise.png")
 @click.option("--overwrite", is_flag=True, help="Replace an existing picture.")
@@ -65,10 +68,16 @@ def denoise_command(**options: Any) -> None:
     if options["denoiser"] != "if2" and options["ks"] != [1.8]:
         raise click.UsageError("--k applies to --denoiser if2 only")
     device = resolve_device(options["device"])
+    protocol, _ = resolve_protocol(options)
     try:
-        dataset = classifiers.build_dataset(
-            options["dataset"], split=options["split"], data_root=options["data_root"]
-        )
+        if protocol is None:
+            dataset = classifiers.build_dataset(
+                options["dataset"], split=options["split"], data_root=options["data_root"]
+            )
+        else:  # the protocol's preprocessing; its prompt and rounding are in `options`
+            dataset = protocol.build_dataset(
+                options["dataset"], split=options["split"], data_root=options["data_root"]
+            )
         bad = [i for i in options["indices"] if i >= len(dataset)]
         if bad:
             raise ValueError(f"--indices {bad} past the end of the dataset ({len(dataset)})")

@@ -22,9 +22,11 @@ from cli.options import (
     apply,
     build_denoiser,
     denoiser_choice,
+    non_negative,
     positive,
     resolve_device,
 )
+from cli.protocol_options import PROTOCOL_OPTIONS, given, refuse_conflicts, resolve_protocol
 from smoothing.core import NonFiniteOutputError, Smooth
 from smoothing.runner import ResultFile, ResultFileError, RunSettings, run, select_indices
 
@@ -75,8 +77,9 @@ def _common_options(default_n: int) -> Callable:
         denoiser_choice(allow_none=True),
         *DENOISER_OPTIONS,
         click.option("--k", "k", type=float, default=1.8, show_default=True,
-                     callback=positive("k"),
-                     help="if2: timestep correction factor, t' = k * t (Eq. 8)."),
+                     callback=non_negative("k"),
+                     help="if2: timestep correction factor, t' = k * t (Eq. 8); 0 gives t' = 0."),
+        *PROTOCOL_OPTIONS,
         click.option("--out", type=click.Path(dir_okay=False),
                      help="Result path stem: writes OUT.tsv and OUT.json "
                           "[default: runs/MODE_MODEL[_DENOISER]_DATASET_SPLIT_sigmaSIGMA]."),
@@ -114,11 +117,21 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
             flag = "--max" if name == "max_examples" else f"--{name}"
             raise click.BadParameter(f"must be >= {minimum}", param_hint=flag)
     device = resolve_device(options["device"])
+    protocol, _ = resolve_protocol(options)
 
     try:
-        dataset = classifiers.build_dataset(
-            options["dataset"], split=options["split"], data_root=options["data_root"]
-        )
+        if protocol is None:
+            dataset = classifiers.build_dataset(
+                options["dataset"], split=options["split"], data_root=options["data_root"]
+            )
+        else:
+            dataset = protocol.build_dataset(
+                options["dataset"], split=options["split"], data_root=options["data_root"]
+            )
+            skip = protocol.subsample_skip(len(dataset))
+            if given("skip"):
+                refuse_conflicts(protocol, {"--skip": (options["skip"], skip)})
+            options["skip"] = skip
         weights = options["classifier_weights"]
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"--classifier-weights {weights}: no such file")
@@ -153,6 +166,7 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         classifier_weights=options["classifier_weights"],
         classifier_weights_sha256=_file_digest(options["classifier_weights"]),
         denoiser=denoiser_settings,
+        protocol=None if protocol is None else protocol.record(options["dataset"], len(dataset)),
     )
     results = ResultFile(stem, mode, row_settings, overwrite=options["overwrite"])
     settings = RunSettings(

@@ -27,6 +27,17 @@ def positive(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
     return check
 
 
+def non_negative(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback refusing values < 0 (and NaN) for option --NAME."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None and not value >= 0:
+            raise click.BadParameter(f"must be >= 0, got {value}", param_hint=f"--{name}")
+        return value
+
+    return check
+
+
 def apply(options: list[Callable]) -> Callable:
     """Decorate a command with `options`, listed in the order --help shows them."""
     return lambda command: functools.reduce(lambda c, option: option(c), reversed(options), command)
@@ -103,7 +114,8 @@ def build_denoiser(options: dict[str, Any], sigma: float, k: float, device: str)
     if options["variant"] is not None:
         built["variant"] = options["variant"]
     if name == "if2":
-        built.update(k=k, prompt=options["prompt"], token=options["token"], lora=options["lora"])
+        built.update(k=k, prompt=options["prompt"], token=options["token"], lora=options["lora"],
+                     timestep_rounding=options.get("timestep_rounding") or "floor")
     elif options["lora"] or options["prompt"] or options["token"]:
         raise click.UsageError("--lora, --prompt and --token apply to --denoiser if2 only")
     return denoisers.build_denoiser(name, sigma=sigma, **built)

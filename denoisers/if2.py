@@ -9,7 +9,9 @@ As a denoiser for sigma (in [0, 1] space): x_hat = 2 x - 1 carries noise 2 * sig
 t_hat is the first timestep whose noise level reaches 2 * sigma (Eq. 6); both image
 inputs are x_t = sqrt(a_t_hat) * x_hat (Eq. 9's "self-conditioning"); the condition's
 level is t' = k * t_hat (Eq. 8, k = 1.8 by default, the paper's choice), rounded down and
-clamped to the last timestep; the output is x_hat - s * eps (noise channels only), with
+clamped to the last timestep (`timestep_rounding="floor"`), or, as the reference code
+does, the float k * t_hat clamped at T (`"reference"`; see `corrected_timestep`); the
+output is x_hat - s * eps (noise channels only), with
 s = sqrt((1 - a_t_hat) / a_t_hat) the schedule's noise level at t_hat. Eq. 9 writes s as
 the input noise level; the paper's code takes the scheduler's `pred_original_sample`,
 which uses the schedule's value at t_hat (>= 2 sigma by less than one step of the grid),
@@ -54,7 +56,12 @@ from denoisers.registry import (
     load_tokenizer,
     parse_dtype,
 )
-from denoisers.timesteps import corrected_timestep, noise_levels, timestep_for_sigma
+from denoisers.timesteps import (
+    TIMESTEP_ROUNDINGS,
+    corrected_timestep,
+    noise_levels,
+    timestep_for_sigma,
+)
 
 DEFAULT_CHECKPOINT = "DeepFloyd/IF-II-L-v1.0"
 _HOW_TO_GET_IF = (
@@ -185,11 +192,18 @@ def predict_noise(
 
 
 def corrected_timesteps(
-    timesteps: torch.Tensor, k: float, num_train_timesteps: int
+    timesteps: torch.Tensor, k: float, num_train_timesteps: int, rounding: str = "floor"
 ) -> torch.Tensor:
-    """Eq. 8 for each timestep of a batch (`corrected_timestep`: floor, clamp to T - 1)."""
-    values = [corrected_timestep(int(t), k, num_train_timesteps) for t in timesteps.tolist()]
-    return torch.tensor(values, dtype=torch.long, device=timesteps.device)
+    """Eq. 8 for each timestep of a batch (`corrected_timestep`): long for "floor", float32
+    for "reference" (the UNet embeds the float level as it is)."""
+    values = [
+        corrected_timestep(int(t), k, num_train_timesteps, rounding) for t in timesteps.tolist()
+    ]
+    return torch.tensor(values, dtype=_label_dtype(rounding), device=timesteps.device)
+
+
+def _label_dtype(rounding: str) -> torch.dtype:
+    return torch.long if rounding == "floor" else torch.float32
 
 
 def denoise_at_timesteps(
@@ -200,16 +214,17 @@ def denoise_at_timesteps(
     *,
     alphas_cumprod: torch.Tensor,
     k: float = 1.8,
+    timestep_rounding: str = "floor",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 9 at a timestep per image, differentiable: (noise estimate, denoised image).
 
     `x_t` [B, C, H, W] are diffusion states sqrt(a_t) x + sqrt(1 - a_t) eps of images x
     in [-1, 1] (Eq. 5), `timesteps` [B] their t. The condition is x_t itself at level
-    t' = k t (Eq. 8, as `IF2Denoiser`); the estimate is x_t / sqrt(a_t) - sqrt((1 - a_t) /
-    a_t) * eps_hat (Eq. 9 with the noise level of t), clipped to [-1, 1] and mapped to
-    [0, 1]. This is `IF2Denoiser` for a timestep drawn per image, as `adapt`'s training
-    needs it (Algorithm 2, lines 10-12). Returns eps_hat [B, C, H, W] (noise channels)
-    and the estimate, both float32.
+    t' = k t (Eq. 8, rounded as `timestep_rounding` says, as `IF2Denoiser`); the
+    estimate is x_t / sqrt(a_t) - sqrt((1 - a_t) / a_t) * eps_hat (Eq. 9 with the noise
+    level of t), clipped to [-1, 1] and mapped to [0, 1]. This is `IF2Denoiser` for a
+    timestep drawn per image, as `adapt`'s training needs it (Algorithm 2, lines 10-12).
+    Returns eps_hat [B, C, H, W] (noise channels) and the estimate, both float32.
     """
     if x_t.dim() != 4 or timesteps.shape != x_t.shape[:1]:
         raise ValueError(
@@ -217,7 +232,7 @@ def denoise_at_timesteps(
             f"{tuple(timesteps.shape)}"
         )
     alphas = torch.as_tensor(alphas_cumprod).to(device=x_t.device, dtype=torch.float32)
-    labels = corrected_timesteps(timesteps, k, alphas.numel())
+    labels = corrected_timesteps(timesteps, k, alphas.numel(), timestep_rounding)
     padded, crop = pad_to_multiple(x_t, 2 ** (len(unet.config.down_block_types) - 1))
     eps = predict_noise(unet, padded.to(unet.dtype), timesteps, labels, prompt_embeds)
     eps = crop(eps.float())
@@ -237,9 +252,15 @@ class IF2Denoiser(Denoiser):
         sigma: float,
         *,
         k: float = 1.8,
+        timestep_rounding: str = "floor",
         info: dict[str, Any] | None = None,
     ):
         super().__init__(sigma)
+        if timestep_rounding not in TIMESTEP_ROUNDINGS:
+            raise ValueError(
+                f"unknown timestep rounding {timestep_rounding!r}; use "
+                f"{' or '.join(TIMESTEP_ROUNDINGS)}"
+            )
         if prompt_embeds.dim() != 3 or prompt_embeds.shape[0] != 1:
             raise ValueError(
                 f"expected one prompt embedding [1, L, D], got {tuple(prompt_embeds.shape)}"
@@ -252,13 +273,14 @@ class IF2Denoiser(Denoiser):
         # Each down block but the last halves the resolution.
         self.size_multiple = 2 ** (len(unet.config.down_block_types) - 1)
         self.k = float(k)
+        self.timestep_rounding = timestep_rounding
         self.info = dict(info or {})
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
         alphas_cumprod = scheduler.alphas_cumprod
         self.timestep = timestep_for_sigma(alphas_cumprod, 2 * self.sigma)
         self.corrected_timestep = corrected_timestep(
-            self.timestep, self.k, self.num_train_timesteps
+            self.timestep, self.k, self.num_train_timesteps, timestep_rounding
         )
         alpha = float(torch.as_tensor(alphas_cumprod, dtype=torch.float64)[self.timestep])
         self.sqrt_alpha = math.sqrt(alpha)
@@ -266,8 +288,12 @@ class IF2Denoiser(Denoiser):
 
         # One copy of each per-run constant; every batch gets an expanded view.
         self.register_buffer("_timestep", torch.tensor([self.timestep]), persistent=False)
+        # "reference" keeps the float level (e.g. 520.2): a float32 label, which the UNet's
+        # sinusoidal class embedding takes as it is.
         self.register_buffer(
-            "_class_label", torch.tensor([self.corrected_timestep]), persistent=False
+            "_class_label",
+            torch.tensor([self.corrected_timestep], dtype=_label_dtype(timestep_rounding)),
+            persistent=False,
         )
         self.register_buffer(
             "prompt_embeds", prompt_embeds.detach().to(unet.dtype), persistent=False
@@ -280,6 +306,7 @@ class IF2Denoiser(Denoiser):
         *,
         sigma: float,
         k: float = 1.8,
+        timestep_rounding: str = "floor",
         prompt: str = "",
         token: str = "",
         lora: str | Path | None = None,
@@ -297,13 +324,21 @@ class IF2Denoiser(Denoiser):
             dtype=dtype,
             variant=variant,
         )
-        return cls(unet, scheduler, prompt_embeds, sigma, k=k, info=info).to(device)
+        return cls(
+            unet, scheduler, prompt_embeds, sigma, k=k, timestep_rounding=timestep_rounding,
+            info=info,
+        ).to(device)
 
-    def at(self, sigma: float, k: float | None = None) -> IF2Denoiser:
-        """The same network and prompt for another noise level or correction factor."""
-        k = self.k if k is None else k
+    def at(
+        self, sigma: float, k: float | None = None, timestep_rounding: str | None = None
+    ) -> IF2Denoiser:
+        """The same network and prompt for another noise level, correction factor or
+        rounding of the corrected timestep."""
         return IF2Denoiser(
-            self.unet, self.scheduler, self.prompt_embeds, sigma, k=k, info=self.info
+            self.unet, self.scheduler, self.prompt_embeds, sigma,
+            k=self.k if k is None else k,
+            timestep_rounding=timestep_rounding or self.timestep_rounding,
+            info=self.info,
         )
 
     def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
@@ -331,6 +366,7 @@ class IF2Denoiser(Denoiser):
             "model_noise_level": 2 * self.sigma,
             "timestep": self.timestep,
             "k": self.k,
+            "timestep_rounding": self.timestep_rounding,
             "corrected_timestep": self.corrected_timestep,
             "num_train_timesteps": self.num_train_timesteps,
             "schedule_noise_level": self.schedule_noise_level,

@@ -8,7 +8,8 @@ import their modules lazily, so `import denoisers` does not import diffusers.
   `dtype`, `resize`, `variant`.
 - `if2`: DeepFloyd IF-II super-resolution model as a denoiser with timestep correction
   (Choi et al. 2024, Eq. 9). Options: `checkpoint` (default `DeepFloyd/IF-II-L-v1.0`),
-  `k` (1.8), `prompt` (""), `token` (""), `lora` (None), `device`, `dtype`, `variant`.
+  `k` (1.8), `timestep_rounding` ("floor" or "reference"), `prompt` (""), `token` (""),
+  `lora` (None), `device`, `dtype`, `variant`.
 
 Checkpoints are hub ids or local directories written by `save_pretrained`; weights load
 from safetensors only, `variant` picks DeepFloyd-style variant files (`*.fp16.safetensors`).
@@ -353,6 +354,7 @@ def build_if2(
     sigma: float,
     checkpoint: str | Path = "DeepFloyd/IF-II-L-v1.0",
     k: float = 1.8,
+    timestep_rounding: str = "floor",
     prompt: str = "",
     token: str = "",
     lora: str | Path | None = None,
@@ -366,6 +368,7 @@ def build_if2(
         checkpoint,
         sigma=sigma,
         k=k,
+        timestep_rounding=timestep_rounding,
         prompt=prompt,
         token=token,
         lora=lora,

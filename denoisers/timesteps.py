@@ -52,16 +52,26 @@ def timestep_for_sigma(alphas_cumprod: torch.Tensor | Sequence[float], sigma: fl
     return t
 
 
-def corrected_timestep(t: int, k: float, num_train_timesteps: int) -> int:
-    """Timestep correction t' = k * t (Eq. 8), rounded down and clamped to the last timestep.
+TIMESTEP_ROUNDINGS = ("floor", "reference")
 
-    Rounding: floor, as `int(t * k)` in the reference code's timestep search; the
-    product is first rounded to 6 decimals so that float error (e.g. 1.8 * 500 =
-    899.999...) cannot drop it by one. Clamp: to T - 1, the largest timestep the
-    scheduler has (diffusers' IF-II pipeline rejects noise_level >= T). The reference
-    code instead feeds the unrounded float k * t and clamps it at T; the two differ by
-    less than one step in the sinusoidal class embedding, e.g. 520 vs 520.2 at
-    sigma = 0.25 and 999 vs 1000 at sigma = 1.0.
+
+def corrected_timestep(
+    t: int, k: float, num_train_timesteps: int, rounding: str = "floor"
+) -> int | float:
+    """Timestep correction t' = k * t (Eq. 8) as the UNet's condition level.
+
+    `rounding="floor"` (the default) rounds down and clamps to the last timestep T - 1:
+    an integer in the range IF-II was trained on. The product is first rounded to 6
+    decimals so that float error (e.g. 1.8 * 500 = 899.999...) cannot drop it by one.
+    T - 1 is the largest timestep the scheduler has (diffusers' IF-II pipeline rejects
+    noise_level >= T).
+
+    `rounding="reference"` is what Choi et al.'s code (`robustify-T2I`, IF_robust_model.py)
+    feeds IF-II: the unrounded float k * t, set to T where it exceeds T. The UNet's
+    sinusoidal class embedding takes a float level, so 520.2 (sigma = 0.25) and 520 give
+    different embeddings, as do 1000 and 999 at sigma = 1.0.
+
+    k = 0 gives t' = 0 in both modes (the condition is treated as noiseless).
     """
     if not k >= 0 or not math.isfinite(k):
         raise ValueError(f"correction factor k must be >= 0, got {k}")
@@ -69,4 +79,10 @@ def corrected_timestep(t: int, k: float, num_train_timesteps: int) -> int:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
     if not 0 <= t < num_train_timesteps:
         raise ValueError(f"timestep {t} is outside [0, {num_train_timesteps})")
-    return min(math.floor(round(k * t, 6)), num_train_timesteps - 1)
+    if rounding == "floor":
+        return min(math.floor(round(k * t, 6)), num_train_timesteps - 1)
+    if rounding == "reference":
+        return float(min(k * t, num_train_timesteps))
+    raise ValueError(
+        f"unknown timestep rounding {rounding!r}; use {' or '.join(TIMESTEP_ROUNDINGS)}"
+    )

@@ -7,7 +7,9 @@ torchvision's own classes; for the others the missing-data error is checked.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +29,10 @@ from classifiers.registry import DATASETS, build_dataset
 EXPECTED_CLASSES = {
     "imagenet": 1000, "cifar10": 10, "stl10": 10, "food101": 101, "pets": 37,
     "flowers102": 102, "dtd": 47, "caltech101": 101, "sun397": 397, "cars": 196,
-    "eurosat": 10,
+    "eurosat": 10, "caltech256": 257, "cropdiseases": 38, "isic": 7,
 }
+# Caltech-256's names are its category folders' names: they come with the data.
+NAMES_FROM_DATA = {"caltech256"}
 COLOR = (255, 0, 128)  # a uniform image keeps its exact value through resize and crop
 COLOR_TENSOR = torch.tensor([1.0, 0.0, 128 / 255]).view(3, 1, 1)
 
@@ -49,6 +53,11 @@ def test_every_benchmark_is_registered_with_names_and_templates():
     assert "folder:/some/path" in DATASETS
     for name, count in EXPECTED_CLASSES.items():
         assert name in DATASETS
+        if name in NAMES_FROM_DATA:
+            with pytest.raises(DatasetNotFoundError, match="folders' names.*data_root"):
+                dataset_class_names(name)
+            assert dataset_templates(name)
+            continue
         names = dataset_class_names(name)
         assert len(names) == count, name
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -95,6 +104,9 @@ def test_known_names_and_templates():
         ("cars", "stanford_cars", "can no longer download"),
         ("eurosat", "eurosat/2750", "EuroSAT("),
         ("imagenet", "imagenet/val", "image-net.org"),
+        ("caltech256", "caltech256/256_ObjectCategories", "Caltech256("),
+        ("cropdiseases", "crop-disease/train", "PlantVillage"),
+        ("isic", "isic2018", "ISIC2018_Task3_Training_Input"),
     ],
 )
 def test_missing_data_gives_one_clear_error_and_downloads_nothing(tmp_path, name, folder, hint):
@@ -219,3 +231,78 @@ def test_size_rules_for_stl_and_cifar():
     assert tuple(cifar.shape) == (3, 32, 32)
     torch.testing.assert_close(cifar.as_subclass(torch.Tensor), COLOR_TENSOR.expand(3, 32, 32))
     assert BENCHMARKS["stl10"].size == "stl" and BENCHMARKS["cifar10"].size == "native"
+
+
+CALTECH256_FOLDERS = ["001.ak47", "002.american-flag", "251.airplanes-101",
+                      "253.faces-easy-101", "257.clutter"]
+
+
+def fake_caltech256(root, folders=CALTECH256_FOLDERS, per_class=2, size=(40, 30)):
+    """torchvision's Caltech256 layout: caltech256/256_ObjectCategories/NNN.name/NNN_MMMM.jpg."""
+    base = root / "caltech256" / "256_ObjectCategories"
+    for folder in folders:
+        number = int(folder.split(".")[0])
+        for j in range(1, per_class + 1):
+            path = base / folder / f"{number:03d}_{j:04d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", size, COLOR).save(path, quality=100)
+    return base
+
+
+def test_fake_caltech256_through_torchvision(tmp_path, monkeypatch):
+    import classifiers.datasets as datasets
+
+    # 5 of the 257 folders keep the fake small; the class count is checked below.
+    monkeypatch.setitem(BENCHMARKS, "caltech256", dataclasses.replace(
+        BENCHMARKS["caltech256"], num_classes=len(CALTECH256_FOLDERS)))
+    fake_caltech256(tmp_path)
+    dataset = datasets.build_benchmark("caltech256", split="test", data_root=str(tmp_path))
+    assert dataset.classes == ["ak47", "american flag", "airplanes", "faces easy", "clutter"]
+    assert len(dataset) == 10
+    image, label = dataset[3]
+    assert label == 1
+    assert_preprocessed(image)
+    assert len(dataset.templates) == len(dataset_templates("caltech101"))
+
+
+def test_caltech256_with_missing_classes_is_refused(tmp_path):
+    fake_caltech256(tmp_path)  # 5 folders, not 257
+    with pytest.raises(ValueError, match="finds 5 classes for 'caltech256', expected 257"):
+        build_dataset("caltech256", split="test", data_root=str(tmp_path))
+
+
+def test_cropdiseases_folders_get_the_reference_names_in_sorted_order(tmp_path):
+    folders = [f"Crop{i:02d}___disease" for i in range(38)]
+    for i, folder in enumerate(reversed(folders)):  # creation order must not matter
+        write_png(tmp_path / "crop-disease" / "train" / folder / f"{i}.png", size=(50, 40))
+    dataset = build_dataset("cropdiseases", split="test", data_root=str(tmp_path))
+    assert dataset.classes == dataset_class_names("cropdiseases")
+    assert dataset.classes[0] == "Apple Scab" and dataset.classes[37] == "Tomato healthy"
+    assert len(dataset) == 38
+    image, label = dataset[5]
+    assert label == 5  # sorted folder 5 holds one image
+    assert_preprocessed(image)
+    assert dataset.templates == ["A leaf photo of {}."]
+
+    (tmp_path / "crop-disease" / "train" / "extra").mkdir()
+    with pytest.raises(ValueError, match="38 class folders, found 39"):
+        build_dataset("cropdiseases", split="test", data_root=str(tmp_path))
+
+
+def test_isic_folders_follow_the_ground_truth_columns(tmp_path):
+    from classifiers.datasets import ISIC_CODES
+
+    assert ISIC_CODES == ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+    for code in sorted(ISIC_CODES):
+        write_png(tmp_path / "isic2018" / code / f"ISIC_{code}.png", size=(60, 45))
+    dataset = build_dataset("isic", split="test", data_root=str(tmp_path))
+    assert dataset.classes[0] == "Melanoma" and dataset.classes[3] == "Actinic keratosis"
+    # label = the code's column, not its alphabetical place (AKIEC would be 0)
+    labels = {Path(path).parent.name: label for path, label in dataset.source.samples}
+    assert labels == {code: i for i, code in enumerate(ISIC_CODES)}
+    assert_preprocessed(dataset[0][0])
+    assert dataset.templates == ["A photo of {}."]
+
+    (tmp_path / "isic2018" / "DF").rename(tmp_path / "isic2018" / "dermatofibroma")
+    with pytest.raises(ValueError, match="exactly the class folders MEL, NV"):
+        build_dataset("isic", split="test", data_root=str(tmp_path))

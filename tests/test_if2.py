@@ -257,6 +257,7 @@ def test_settings_are_json_and_complete(denoiser, if2_dir):
     assert settings["timestep"] == t_hat
     assert settings["corrected_timestep"] == t_prime
     assert settings["k"] == 1.8
+    assert settings["timestep_rounding"] == "floor"
     assert settings["prompt"] == ""
     assert settings["lora"] is None
     assert settings["dtype"] == "fp32"
@@ -297,3 +298,116 @@ def test_timestep_helpers_agree_with_known_table():
     for sigma, (t_hat, t_prime) in KNOWN.items():
         assert levels[t_hat - 1] < 2 * sigma <= levels[t_hat]
         assert t_prime == min(math.floor(1.8 * t_hat), 999)
+
+
+# --- Rounding of the corrected timestep: floor (default) or the reference code's float ---
+
+# The reference (robustify-T2I IF_robust_model.py) feeds 1.8 * t as a float and sets it
+# to T = 1000 where it exceeds T.
+KNOWN_REFERENCE = {0.25: 289 * 1.8, 0.5: 496 * 1.8, 1.0: 1000.0}
+
+
+def test_corrected_timestep_reference_rounding_is_the_float_clamped_at_T():
+    from denoisers.timesteps import corrected_timestep
+
+    assert corrected_timestep(289, 1.8, 1000, "reference") == pytest.approx(520.2, abs=1e-9)
+    assert corrected_timestep(496, 1.8, 1000, "reference") == pytest.approx(892.8, abs=1e-9)
+    assert corrected_timestep(702, 1.8, 1000, "reference") == 1000.0  # 1263.6 -> T
+    assert corrected_timestep(555, 1.8, 1000, "reference") == 999.0  # exactly 999.0
+    assert corrected_timestep(289, 1.8, 1000) == 520  # the default is floor
+    for rounding in ("floor", "reference"):
+        assert corrected_timestep(289, 0.0, 1000, rounding) == 0
+    with pytest.raises(ValueError, match="unknown timestep rounding 'round'"):
+        corrected_timestep(289, 1.8, 1000, "round")
+    # The reference computes `timesteps[0] * 1.8` on the scheduler's int64 timestep: a
+    # float32 tensor, equal to ours as the UNet gets it.
+    for t in (289, 496, 555):
+        reference = torch.tensor([torch.tensor(t) * 1.8])
+        ours = torch.tensor([corrected_timestep(t, 1.8, 1000, "reference")], dtype=torch.float32)
+        assert reference.dtype == torch.float32 and torch.equal(reference, ours)
+
+
+def test_a_float_class_label_gets_its_own_timestep_embedding(denoiser):
+    # diffusers' UNet2DConditionModel with class_embed_type="timestep" passes class_labels
+    # through its sinusoidal `time_proj`, which takes floats: 520.2 is not embedded as 520.
+    unet = denoiser.unet
+    assert unet.config.class_embed_type == "timestep"
+    sample = torch.zeros(1, 6, 8, 8)
+    with torch.no_grad():
+        at_520 = unet.get_class_embed(sample, torch.tensor([520]))
+        at_520_float = unet.get_class_embed(sample, torch.tensor([520.0]))
+        at_520_2 = unet.get_class_embed(sample, torch.tensor([520.2]))
+    torch.testing.assert_close(at_520, at_520_float)  # the integer is the same level
+    assert (at_520_2 - at_520).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("sigma", [0.25, 1.0])
+def test_reference_rounding_feeds_the_float_level_to_the_unet(denoiser, sigma, monkeypatch):
+    model = denoiser.at(sigma, timestep_rounding="reference")
+    floor_model = denoiser.at(sigma)
+    assert floor_model.timestep_rounding == "floor"
+    calls = record_unet_calls(model, monkeypatch)
+    noisy = noisy_batch((2, 3, 8, 8), sigma=sigma)[1]
+    with torch.no_grad():
+        out = model(noisy, sigma)
+        floor_out = floor_model(noisy, sigma)
+    labels = calls[0]["class_labels"]
+    assert labels.dtype == torch.float32
+    expected = torch.tensor([KNOWN_REFERENCE[sigma]] * 2, dtype=torch.float32)
+    torch.testing.assert_close(labels, expected, rtol=0, atol=0)
+    assert calls[0]["timestep"].tolist() == [KNOWN[sigma][0]] * 2
+    settings = json.loads(json.dumps(model.settings()))
+    assert settings["timestep_rounding"] == "reference"
+    assert settings["corrected_timestep"] == pytest.approx(KNOWN_REFERENCE[sigma], abs=1e-9)
+    assert floor_model.settings()["corrected_timestep"] == KNOWN[sigma][1]
+    # the fraction (or 1000 vs 999) reaches the output
+    assert (out - floor_out).abs().max() > 1e-6
+
+
+def test_k_zero_conditions_on_level_zero(denoiser, monkeypatch):
+    for rounding in ("floor", "reference"):
+        model = denoiser.at(SIGMA, k=0.0, timestep_rounding=rounding)
+        calls = record_unet_calls(model, monkeypatch)
+        with torch.no_grad():
+            model(noisy_batch((1, 3, 8, 8))[1], SIGMA)
+        assert calls[-1]["class_labels"].tolist() == [0]
+        assert model.settings()["corrected_timestep"] == 0
+        assert calls[-1]["timestep"].tolist() == [KNOWN[SIGMA][0]]  # t_hat is unchanged
+
+
+def test_unknown_rounding_is_refused(denoiser):
+    with pytest.raises(ValueError, match="unknown timestep rounding 'nearest'"):
+        denoiser.at(SIGMA, timestep_rounding="nearest")
+
+
+def test_denoise_at_timesteps_rounds_as_asked(denoiser, monkeypatch):
+    from denoisers.if2 import denoise_at_timesteps
+
+    calls = record_unet_calls(denoiser, monkeypatch)
+    timesteps = torch.tensor([289, 702])
+    x_t = torch.zeros(2, 3, 8, 8)
+    alphas = denoiser.scheduler.alphas_cumprod
+    with torch.no_grad():
+        denoise_at_timesteps(denoiser.unet, x_t, timesteps, denoiser.prompt_embeds,
+                             alphas_cumprod=alphas)
+        denoise_at_timesteps(denoiser.unet, x_t, timesteps, denoiser.prompt_embeds,
+                             alphas_cumprod=alphas, timestep_rounding="reference")
+    assert calls[0]["class_labels"].tolist() == [520, 999]
+    assert calls[0]["class_labels"].dtype == torch.long
+    torch.testing.assert_close(calls[1]["class_labels"],
+                               torch.tensor([289 * 1.8, 1000.0], dtype=torch.float32))
+
+
+def test_reference_rounding_keeps_its_float_label_with_a_bf16_unet(if2_dir, monkeypatch):
+    # bf16 cannot hold 520.2 (it rounds to 520): the label must stay float32 up to the
+    # UNet's sinusoidal embedding, whatever the UNet's dtype.
+    model = DENOISERS.build("if2", sigma=SIGMA, checkpoint=str(if2_dir), dtype="bf16",
+                            timestep_rounding="reference")
+    assert model.unet.dtype == torch.bfloat16
+    calls = record_unet_calls(model, monkeypatch)
+    with torch.no_grad():
+        out = model(noisy_batch((1, 3, 8, 8))[1], SIGMA)
+    assert calls[0]["class_labels"].dtype == torch.float32
+    assert calls[0]["class_labels"].tolist() == [pytest.approx(520.2, abs=1e-4)]
+    assert torch.isfinite(out).all() and out.dtype == torch.float32
+    assert model.settings()["timestep_rounding"] == "reference"
