@@ -157,15 +157,16 @@ def pad_to_multiple(
     return padded, lambda y: y[..., :height, :width]
 
 
-# Peak memory of the tensors one image needs in DenoiseAndClassify(IF-II-L, CLIP ViT-B/32)
-# at 224 x 224, forward only, by the element size of the UNet's dtype. An ESTIMATE, not
-# a GPU measurement: `bench/gpu_memory.py` traces the public IF-II-L and ViT-B/32
-# architectures (random weights, meta device: shapes only) and counts the bytes of live
-# tensors; docs/benchmarks.md gives the figures and the method. Attention was traced on
-# its materialized path, so this overestimates what flash/memory-efficient attention needs.
-IF2_L_CLIP_B32_BYTES_PER_IMAGE_224 = {2: 1_040_000_000, 4: 2_080_000_000}
+# Bytes of live tensors per image in DenoiseAndClassify(IF-II-L, CLIP ViT-B/32) at
+# 224 x 224, forward without gradients, by the element size of the UNet's weights
+# (fp16/bf16: 2, fp32: 4; CLIP kept in fp32). An ESTIMATE, not a GPU measurement:
+# `python -m bench.gpu_memory` runs this module's forward on the public IF-II-L and
+# ViT-B/32 architectures with random weights on the meta device and counts the bytes of
+# live tensors op by op (docs/benchmarks.md). It leaves out cuDNN workspaces and the
+# caching allocator's fragmentation, hence FREE_MEMORY_SHARE below.
+IF2_L_CLIP_B32_BYTES_PER_IMAGE_224 = {2: 227_100_992, 4: 452_997_760}
 # Of the free memory, the share given to micro-batches: the rest is left for cuDNN
-# workspaces, the caching allocator's fragmentation and the engine's own batch.
+# workspaces, fragmentation and the engine's own noise batch.
 FREE_MEMORY_SHARE = 0.8
 
 
