@@ -8,16 +8,25 @@
    test suite's models, same classes as the real checkpoints) at batch 32: the time
    of the whole base classifier against the denoiser alone and the classifier alone on
    the same batch. The share outside the two networks (timestep and prompt-embedding
-   plumbing, scaling, padding, clipping) has a target below 5%.
+   plumbing, scaling, padding, clipping) has a target below 5%. In the same interleaved
+   loop, the pipeline split into micro-batches of batch/4 against one big batch: the
+   cost of micro-batching, target <= 1.02.
+3. Engine memory. The peak of `Smooth.certify` on the digits input (1x8x8, batch 1000)
+   at growing n, each in a fresh process: the bytes of live tensors (counted op by op,
+   `tests.tensor_memory`) and the growth of the process's peak RSS during the call. The
+   digits CNN up to n = 10^6; n = 10^8 (10^4 s of the CNN) with a classifier that costs
+   nothing (its logits are ten noisy pixels), so that only the engine runs.
 
-Each figure is the median of `--repeats`.
+Each timing is the median of `--repeats`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -96,8 +105,10 @@ def engine_overhead(
 def denoised_smoothing_split(
     batch: int, sigma: float, repeats: int, *, device: str = "cpu", dtype: str = "fp32",
     if2: str | None = None, classifier_name: str | None = None, size: int = 32,
+    micro_batch: int | None = None,
 ) -> dict:
-    """Per-sample time of DenoiseAndClassify(IF-II, CLIP), split by network.
+    """Per-sample time of DenoiseAndClassify(IF-II, CLIP), split by network, and of the
+    same pipeline in micro-batches of `micro_batch` (default batch/4).
 
     With `if2`/`classifier_name` left out, the test suite's tiny IF-II and tiny CLIP
     (CPU-sized); give `--if2 DeepFloyd/IF-II-L-v1.0 --classifier clip-b32 --size 224
@@ -131,6 +142,8 @@ def denoised_smoothing_split(
     denoiser = denoiser.to(device).eval()
     classifier = classifier.to(device).eval()
     model = DenoiseAndClassify(denoiser, classifier, sigma).eval()
+    micro_batch = micro_batch or max(1, batch // 4)
+    split = DenoiseAndClassify(denoiser, classifier, sigma, micro_batch=micro_batch).eval()
     generator = torch.Generator().manual_seed(0)
     noisy = torch.rand((batch, 3, size, size), generator=generator)
     noisy = (noisy + sigma * torch.randn(noisy.shape, generator=generator)).to(device)
@@ -143,13 +156,14 @@ def denoised_smoothing_split(
     levels = denoiser._class_label.expand(batch)
 
     with torch.inference_mode():
-        whole, denoise, unet, classify = interleaved_medians(
+        whole, denoise, unet, classify, micro = interleaved_medians(
             [
                 lambda: model(noisy),
                 lambda: denoiser(noisy, sigma),
                 lambda: predict_noise(denoiser.unet, x_t, timesteps, levels,
                                       denoiser.prompt_embeds),
                 lambda: classifier(denoised),
+                lambda: split(noisy),
             ],
             repeats,
         )
@@ -162,7 +176,54 @@ def denoised_smoothing_split(
         "unet_ms": round(1000 * unet / batch, 4),
         "classifier_ms": round(1000 * classify / batch, 4),
         "outside_share": round((whole - unet - classify) / whole, 4),
+        "micro_batch": micro_batch,
+        "micro_batch_ms": round(1000 * micro / batch, 4),
+        "micro_batch_ratio": round(micro / whole, 4),
     }
+
+
+class TenPixels(torch.nn.Module):
+    """A classifier that costs nothing: its ten logits are the first ten noisy pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :10]
+
+
+def certify_memory(model_name: str, n: int, batch: int = 1000) -> dict:
+    """Peak memory of one certify call at n; run in a fresh process (`engine_memory`)."""
+    from tests.tensor_memory import PeakTensorMemory
+
+    torch.set_num_threads(1)
+    if model_name == "digits CNN":
+        model = build_classifier("digits", class_names=[str(i) for i in range(10)], sigma=0.25)
+    else:
+        model = TenPixels()
+    smooth = Smooth(model.eval(), 10, 0.25)
+    x = torch.rand((1, 8, 8), generator=torch.Generator().manual_seed(0))
+    smooth.certify(x, N0, 1000, 0.001, batch, torch.Generator().manual_seed(1))  # warm-up
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    started = time.perf_counter()
+    with PeakTensorMemory() as memory:
+        smooth.certify(x, N0, n, 0.001, batch, torch.Generator().manual_seed(2))
+    seconds = time.perf_counter() - started
+    rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    return {
+        "model": model_name, "n": n, "batch": batch, "seconds": round(seconds, 1),
+        "peak_tensor_bytes": memory.peak, "largest_tensor_bytes": memory.largest,
+        "peak_rss_growth_bytes": 1024 * rss_growth,
+    }
+
+
+def engine_memory(largest_n: int) -> list[dict]:
+    """`certify_memory` for the digits CNN at n = 10^4, 10^6 and the free classifier at
+    n = 10^4 and `largest_n`, each in a fresh process so that one's peak hides no other's."""
+    runs = [("digits CNN", 10**4), ("digits CNN", 10**6), ("free", 10**4), ("free", largest_n)]
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for model_name, n in runs:
+        with context.Pool(1) as pool:
+            rows.append(pool.apply(certify_memory, (model_name, n)))
+    return rows
 
 
 def main() -> None:
@@ -177,11 +238,13 @@ def main() -> None:
     group.add_argument("--size", type=int, default=32, help="image side (224 for real models)")
     group.add_argument("--batch", type=int, default=32)
     group.add_argument("--only-denoised", action="store_true",
-                       help="skip the engine-overhead rows (e.g. on a GPU box)")
+                       help="skip the engine rows, time and memory (e.g. on a GPU box)")
+    parser.add_argument("--memory-n", type=float, default=1e8,
+                        help="the largest n of the engine-memory rows (1e8: ~1.5 min)")
     args = parser.parse_args()
     torch.manual_seed(0)  # only the random init of the ResNet; the engine uses its generators
 
-    rows = []
+    rows, memory = [], []
     if not args.only_denoised:
         digits = build_classifier("digits", class_names=[str(i) for i in range(10)], sigma=0.25)
         resnet = torchvision.models.resnet18(num_classes=10)
@@ -191,6 +254,7 @@ def main() -> None:
             engine_overhead("ResNet-18", resnet, (3, 32, 32), 10, 400, 0.25,
                             max(1, args.repeats // 2)),
         ]
+        memory = engine_memory(int(args.memory_n))
     denoised = denoised_smoothing_split(
         args.batch, 0.5, args.repeats, device=args.device, dtype=args.dtype, if2=args.if2,
         classifier_name=args.classifier, size=args.size,
@@ -199,7 +263,7 @@ def main() -> None:
         "what": "certify time / forward-only time, same process, same batches (median)",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "processor": platform.processor(), "rows": rows,
-        "denoised_smoothing": denoised,
+        "denoised_smoothing": denoised, "engine_memory": memory,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
@@ -216,6 +280,16 @@ def main() -> None:
           f" (its UNet call {denoised['unet_ms']:.3f} ms);"
           f" classifier {denoised['classifier_ms']:.3f} ms")
     print(f"  outside the two networks: {100 * denoised['outside_share']:.1f}% (target < 5%)")
+    print(f"  in micro-batches of {denoised['micro_batch']}: {denoised['micro_batch_ms']:.3f} ms,"
+          f" {denoised['micro_batch_ratio']:.3f}x one big batch (target <= 1.02)")
+    if memory:
+        print()
+        print(f"{'certify':<12} {'n':>11} {'batch':>5} {'peak tensors':>13} "
+              f"{'peak RSS growth':>16} {'seconds':>8}")
+    for m in memory:
+        print(f"{m['model']:<12} {m['n']:>11,} {m['batch']:>5} "
+              f"{m['peak_tensor_bytes'] / 2**20:>10.2f} MiB "
+              f"{m['peak_rss_growth_bytes'] / 2**20:>12.1f} MiB {m['seconds']:>8.1f}")
     print(f"wrote {args.out}")
 
 

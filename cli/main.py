@@ -76,6 +76,10 @@ def _common_options(default_n: int) -> Callable:
         *DEVICE_OPTIONS,
         denoiser_choice(allow_none=True),
         *DENOISER_OPTIONS,
+        click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+                     help="Images denoised and classified at once, out of each --batch "
+                          "(results do not depend on it) [default: chosen from the GPU's free "
+                          "memory; the whole batch on a CPU]. Needs --denoiser dds or if2."),
         click.option("--k", "k", type=float, default=1.8, show_default=True,
                      callback=non_negative("k"),
                      help="if2: timestep correction factor, t' = k * t (Eq. 8); 0 gives t' = 0."),
@@ -174,9 +178,13 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         batch_size=options["batch"], seed=options["seed"], device=device,
     )
     selection = {key: options[key] for key in ("start", "skip", "max_examples")}
+    # Outside the settings: results do not depend on the micro-batch, so a resume with
+    # another one is allowed. A size halved after running out of memory is not recorded.
+    micro_batch = None if options["denoiser"] == "none" else options["micro_batch"] or "auto"
     try:
         run(smooth, dataset, indices, results, settings,
-            extra_record={"selection": selection, "data_root": options["data_root"]},
+            extra_record={"selection": selection, "data_root": options["data_root"],
+                          "micro_batch": micro_batch},
             progress=not options["quiet"])
     except ResultFileError as error:
         raise CommandError(str(error)) from error
@@ -217,11 +225,16 @@ def _with_denoiser(
     if options["denoiser"] == "none":
         if options["denoiser_checkpoint"] or options["lora"] or options["variant"]:
             raise click.UsageError(
-                "--denoiser-checkpoint, --lora and --variant need --denoiser dds or if2"
+                "--denoiser-checkpoint, --lora and --variant need a --denoiser"
             )
+        if options["micro_batch"] is not None:
+            # refused, not ignored: without a denoiser --batch is already the forward pass
+            raise click.UsageError("--micro-batch needs a --denoiser; use --batch")
         return classifier, None
     denoiser = build_denoiser(options, options["sigma"], options["k"], device)
-    base = denoisers.DenoiseAndClassify(denoiser, classifier, options["sigma"])
+    base = denoisers.DenoiseAndClassify(
+        denoiser, classifier, options["sigma"], micro_batch=options["micro_batch"]
+    )
     return base.to(device).eval(), {"name": options["denoiser"], **denoiser.settings()}
 
 

@@ -405,3 +405,47 @@ def test_half_precision_autocast_on_cpu(dtype: torch.dtype) -> None:
     assert cls == 1
     assert 0.0 < radius < 1.1 * model.signed_distance(x)
     assert smooth.predict(x, n=1000, alpha=0.001, batch_size=500, generator=gen(1)) == 1
+
+
+# --- memory: bounded by the batch, not by the number of draws ------------------------------------
+
+
+def test_sample_counts_memory_does_not_grow_with_n() -> None:
+    from tests.tensor_memory import PeakTensorMemory
+
+    model, x = make_linear(0.5 * SIGMA)
+    base = torch.nn.Sequential(torch.nn.Flatten(), model.linear)  # no recorded inputs
+    smooth = Smooth(base, num_classes=2, sigma=SIGMA)
+    peaks, largest = {}, {}
+    for num in (10_000, 1_000_000):
+        with PeakTensorMemory() as memory:
+            counts = smooth.sample_counts(x, num, 1000, gen(0))
+        assert int(counts.sum()) == num
+        peaks[num], largest[num] = memory.peak, memory.largest
+    assert peaks[1_000_000] == peaks[10_000]
+    # the largest tensor is one batch of noisy inputs, float32
+    assert largest[10_000] == largest[1_000_000] == 1000 * math.prod(SHAPE) * 4
+
+
+def test_counts_are_the_votes_on_the_documented_draws() -> None:
+    # The engine's draws: per batch, one normal_(0, sigma) of shape [size, *x.shape] from the
+    # generator, in order. Counting by hand on those draws must give the engine's counts.
+    model, x = make_linear(0.1 * SIGMA)
+    smooth = Smooth(model, num_classes=2, sigma=SIGMA)
+    counts = smooth.sample_counts(x, 1050, 200, gen(3))
+    generator, expected = gen(3), torch.zeros(2, dtype=torch.long)
+    for size in [200] * 5 + [50]:
+        noise = torch.empty((size, *SHAPE)).normal_(0.0, SIGMA, generator=generator)
+        with torch.no_grad():
+            votes = model(noise + x).argmax(dim=1)
+        expected += torch.bincount(votes, minlength=2)
+    assert torch.equal(counts, expected)
+    assert 0 < int(counts[0]) < 1050  # both classes drawn: the comparison is not trivial
+
+
+def test_logits_wider_than_num_classes_raise() -> None:
+    model, x = make_linear(1.0)
+    smooth = Smooth(model, num_classes=1 + 1, sigma=SIGMA)
+    smooth.num_classes = 1  # the model returns 2 logits: a vote could fall outside the counts
+    with pytest.raises(ValueError, match="logits of shape"):
+        smooth.sample_counts(x, 10, 10, gen(0))
