@@ -24,6 +24,7 @@ evaluation reuses the very noise the attack was optimized against.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -65,7 +66,7 @@ class ThreatModel:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; expected one of {', '.join(NORMS)}")
         eps = self.eps
-        if isinstance(eps, bool) or not isinstance(eps, int | float):
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
             raise TypeError(f"eps must be a number, got {type(eps).__name__}")
         if not (eps > 0 and math.isfinite(eps)):  # also rejects NaN
             raise ValueError(f"eps must be a positive finite number, got {eps}")

@@ -696,3 +696,19 @@ def test_smoothadv_never_beats_a_certificate_on_digits(model_name, sigma, eps):
     predictions = attack_then_predict(smooth, x, y, indices, eps)
     assert sum(certified) >= 20  # the check is not vacuous
     assert count_violations(certified, predictions, y) <= allowed_violations(sum(certified))
+
+
+@pytest.mark.slow
+def test_smoothadv_through_the_digits_denoiser_never_beats_a_certificate():
+    # denoised smoothing with the shipped digits DDPM in front of the clean CNN; the
+    # attack differentiates through the denoiser (about 2 min: 100 steps x 32 draws)
+    from denoisers import BUNDLED_DIGITS_DDPM, DenoiseAndClassify, build_denoiser
+
+    indices = list(range(0, 450, 30))
+    smooth, x, y = digits("digits-clean", 0.25, indices)
+    denoiser = build_denoiser("dds", sigma=0.25, checkpoint=str(BUNDLED_DIGITS_DDPM))
+    smooth = Smooth(DenoiseAndClassify(denoiser, smooth.base_classifier), 10, 0.25)
+    certified = certified_above(smooth, x, y, indices, 0.5, n=1000)
+    predictions = attack_then_predict(smooth, x, y, indices, 0.5)
+    assert sum(certified) >= 5
+    assert count_violations(certified, predictions, y) <= allowed_violations(sum(certified))
