@@ -77,6 +77,7 @@ from adapt.training import (
     check_number,
     check_training_settings,
     finish_run,
+    honour_umask,
     load_batch,
     make_accelerator,
     make_optimizer,
@@ -246,6 +247,7 @@ def save_lora(unet: torch.nn.Module, out: Path) -> Path:
         IFSuperResolutionPipeline.save_lora_weights(
             tmp, unet_lora_layers=state, safe_serialization=True
         )
+        honour_umask(tmp / LORA_WEIGHTS)  # safetensors writes files private (0600)
         os.replace(tmp / LORA_WEIGHTS, out / LORA_WEIGHTS)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,10 +17,12 @@ default (1-shot); Tab. 9 of the paper uses 4.
   the initial noise does not depend on the device.
 - Batches (`batch_size`, `--synthesis-batch`): several images (of any classes) go
   through one call of each stage, with a list of their generators, one per image
-  (diffusers draws every image's noise from its own generator). An image is then the
-  same as when made alone but for the float rounding of batched convolutions (on the
-  tiny CPU models of the tests the PNG bytes were identical); `batch_size` is not a
-  setting of the set, so a rerun with another one continues it.
+  (diffusers draws every image's noise from its own generator, the same draws as for
+  the image alone). An image is then the one made alone but for the float rounding of
+  batched convolutions: on the tiny CPU models of the tests, a few pixel values in a
+  thousand moved by one grey level. `batch_size` is not a setting of the set, so a
+  rerun with another one continues it (the bytes of images made with other batches
+  may differ in that way).
 - No watermark, no safety filter: both stages return tensors (`output_type="pt"`, as
   the paper's code, ChoiDae1/robustify-T2I `generate_dataset.py`, and diffusers' IF
   documentation between stages do), converted to PNG with diffusers' `pt_to_pil`. The

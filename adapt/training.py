@@ -569,6 +569,8 @@ class CheckpointStore:
             tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
             save_file(tensors, str(tmp / self.WEIGHTS), metadata={"step": str(step)})
             torch.save(dict(state, step=step), tmp / self.STATE)
+            for written in (tmp / self.WEIGHTS, tmp / self.STATE):
+                honour_umask(written)  # safetensors writes files private (0600)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
