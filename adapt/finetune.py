@@ -282,6 +282,7 @@ class FrozenDenoiser:
     """
 
     def __init__(self, config: FinetuneConfig, device: torch.device):
+        config = with_lora_prompt(config)
         self.device = device
         self.sigmas = None if config.sigmas is None else [float(s) for s in config.sigmas]
         self.chunk = config.denoise_batch_size

@@ -401,3 +401,51 @@ def test_personalize_and_finetune_load_a_checkpoint_variant(personalize_config, 
     record = json.loads((clf / "finetune_config.json").read_text())
     assert record["settings"]["variant"] == "fp16"
     assert record["denoiser_info"]["variant"] == "fp16"
+
+
+SIGTERM_CHILD = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+import adapt.finetune as module
+from adapt.finetune import FinetuneConfig, finetune
+from tests.tiny_classifiers import clip_options
+
+references, out, clip, if2, cache = sys.argv[1:6]
+calls = {"n": 0}
+original = module.classifier_logits
+
+def logits(*args):
+    calls["n"] += 1
+    if calls["n"] == 2:  # during step 2 of 4: as a scheduler's preemption would
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args)
+
+module.classifier_logits = logits
+finetune(FinetuneConfig(references=references, out=out, classifier="clip-b32",
+                        classifier_options=clip_options(clip, cache), denoiser_checkpoint=if2,
+                        epochs=1, lr=1e-3, batch_size=1, checkpoint_every=0, resolution=32),
+         progress=False)
+print("finished although terminated")
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_with_its_default_action_ends_the_process_after_the_checkpoint(tiny, tmp_path):
+    """A real process under SIGTERM's default action: step 2 is checkpointed, then the
+    process ends by the signal (not by an exception of ours)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "clf"
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.run(
+        [sys.executable, "-c", SIGTERM_CHILD, str(tiny["references"]), str(out),
+         str(tiny["clip"]), str(tiny["if2"]), str(tmp_path / "cache")],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert child.returncode == -signal.SIGTERM, child.stdout + child.stderr
+    assert "finished although terminated" not in child.stdout
+    assert checkpoint_names(out) == ["step_2"]
+    assert not (out / CLASSIFIER_WEIGHTS).exists()

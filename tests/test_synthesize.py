@@ -374,3 +374,17 @@ def test_checkpoint_variants_load_with_variant(models, reference, tmp_path):
     # model folders, so the bytes differ)
     np.testing.assert_array_equal(pixels(out / "images/0000/00.png"),
                                   pixels(reference / "images/0000/00.png"))
+
+
+def test_the_reference_files_honour_the_umask(models, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        out = synthesize(CLASSES[:1], tmp_path / "set", **models, **FAST)
+    finally:
+        os.umask(previous)
+    for path in [out, *out.rglob("*")]:
+        expected = 0o755 if path.is_dir() else 0o644  # not tempfile's private 0600
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
