@@ -409,9 +409,11 @@ import torch
 torch.set_num_threads(1)
 import adapt.finetune as module
 from adapt.finetune import FinetuneConfig, finetune
-from tests.tiny_classifiers import clip_options
+from pathlib import Path
+from tests.tiny_classifiers import clip_options, register_tiny_clip
 
 references, out, clip, if2, cache = sys.argv[1:6]
+register_tiny_clip(Path(clip).parent)  # the tiny architecture, known to open_clip
 calls = {"n": 0}
 original = module.classifier_logits
 
