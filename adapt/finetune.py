@@ -22,6 +22,13 @@ Classifiers: any registered one. CLIP (`clip-*`): both encoders are tuned; every
 rebuilds the class embeddings from the text encoder being tuned (the mean over the
 prompt templates of the normalized text embeddings, with gradients), so the text
 tower learns through the zero-shot head; CLIP's temperature `logit_scale` stays fixed.
+The (class x template) prompts go through the text encoder in chunks of whole classes
+(`text_batch_size` prompts at most), each under `torch.utils.checkpoint`: only a
+chunk's embeddings are kept after the forward, and the backward recomputes one chunk's
+graph at a time, so memory is bounded by a chunk (ImageNet's 1000 classes x 80
+templates would otherwise keep all 80,000 graphs, terabytes) and the gradient is the
+one of the unchunked graph (to float rounding; tested). The text encoder then runs its
+forward twice per step. The paper's code uses one template, `PAPER_TEMPLATE`.
 torchvision ResNets and the digits CNN: all weights, in train mode (batch norm updates
 its statistics, as the reference does).
 
@@ -39,11 +46,15 @@ IF-II run without gradients (only psi is optimized). The reference's CLIP text s
 one template ("This is a photo of a {}"); here it is the classifier's own templates (the
 ones `certify` will use), which `templates` can replace. Batches are cut from a stream
 of seeded shuffled epochs (`adapt.training.stream_batch`), so every batch is full;
-steps = epochs * ceil(references / batch size).
+steps = epochs * ceil(references / (batch size x grad_accum)). A checkpoint is written
+at the end of every epoch (10 epochs are only 10-40 steps at the paper's settings) and
+every `checkpoint_every` steps. Training images are resized to `resolution`, 224 by
+default: the evaluation size the reference trains at (96 for STL-10).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +66,7 @@ import torch.nn.functional as F
 from adapt.errors import AdaptError
 from adapt.training import (
     STREAM_STEP,
+    TRAINING_RESOLUTION,
     WEIGHT_DTYPES,
     Optimization,
     build_classifier_on,
@@ -63,9 +75,11 @@ from adapt.training import (
     check_number,
     check_training_settings,
     finish_run,
+    honour_umask,
     load_batch,
     make_accelerator,
     make_optimizer,
+    micro_slice,
     prepare_run,
     seed_everything,
     step_generator,
@@ -77,6 +91,8 @@ CLASSIFIER_WEIGHTS = "classifier.safetensors"
 DENOISERS = ("if2", "dds")
 LOG_COLUMNS = ["step", "epoch", "L_clf", "accuracy", "lr", "seconds"]
 PLOT_COLUMNS = ["L_clf", "accuracy"]
+# The CLIP template of the paper's fine-tuning code (`classifier_finetuning.py`).
+PAPER_TEMPLATE = "This is a photo of a {}"
 
 
 @dataclass
@@ -91,14 +107,20 @@ class FinetuneConfig:
     denoiser: "if2" (default) or "dds" (needs `sigmas`).
     denoiser_checkpoint: the denoiser's weights (None: IF-II-L for if2; required for dds).
     lora, prompt, token, k: IF-II's LoRA folder, prompt template, token and timestep
-        correction, as `certify --denoiser if2` takes them.
+        correction, as `certify --denoiser if2` takes them; a prompt or token left None
+        is the one the LoRA folder records (`denoisers.lora_info`), else "".
+    variant: the if2 checkpoint's file variant (e.g. "fp16").
     sigmas: noise levels in [0, 1] space to train at (None: random timesteps).
-    epochs, lr, batch_size: passes over the references, learning rate, images per step.
+    epochs, lr, batch_size: passes over the references, learning rate, images per
+        micro-batch (capped at the number of references).
+    grad_accum: micro-batches per update (effective batch: batch_size x grad_accum).
     weight_decay, max_grad_norm, lr_scheduler: AdamW's decay, gradient clipping (None:
         off), "cosine" or "constant".
-    resolution: training image size (None: the first reference's size).
+    resolution: training image size (224; 96 for STL-10; None: the first reference's size).
     denoise_batch_size: images per denoiser call (memory only).
-    checkpoint_every: save resumable state every N steps (0: never).
+    text_batch_size: CLIP prompts per text-encoder chunk (memory only; whole classes).
+    checkpoint_every: save resumable state every N steps (0: only at epoch ends and on
+        SIGINT/SIGTERM). keep_checkpoints: how many to keep while running.
     mixed_precision: "no", "fp16" or "bf16" (the frozen denoiser in that dtype, autocast).
     overwrite: replace a folder holding another run.
     """
@@ -111,19 +133,23 @@ class FinetuneConfig:
     denoiser: str = "if2"
     denoiser_checkpoint: str | None = None
     lora: str | None = None
-    prompt: str = ""
-    token: str = ""
+    prompt: str | None = None
+    token: str | None = None
     k: float = 1.8
+    variant: str | None = None
     sigmas: list[float] | None = None
     epochs: int = 10
     lr: float = 5e-7
     batch_size: int = 256
+    grad_accum: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     lr_scheduler: str = "cosine"
-    resolution: int | None = None
+    resolution: int | None = TRAINING_RESOLUTION
     denoise_batch_size: int = 64
+    text_batch_size: int = 256
     checkpoint_every: int = 100
+    keep_checkpoints: int = 1
     seed: int = 0
     device: str = "cpu"
     mixed_precision: str = "no"
@@ -146,8 +172,10 @@ class FinetuneConfig:
                 )
             if not self.denoiser_checkpoint:
                 raise AdaptError("denoiser 'dds' needs denoiser_checkpoint (--denoiser-checkpoint)")
-            if self.lora or self.prompt or self.token:
-                raise AdaptError("lora, prompt and token apply to the if2 denoiser only")
+            if self.lora or self.prompt or self.token or self.variant:
+                raise AdaptError(
+                    "lora, prompt, token and variant apply to the if2 denoiser only"
+                )
         if self.sigmas is not None:
             if not self.sigmas:
                 raise AdaptError("sigmas: give at least one noise level, or None")
@@ -155,10 +183,11 @@ class FinetuneConfig:
                 check_number("every sigma", sigma, minimum=0.0, strict=True)
         check_int("epochs", self.epochs, minimum=1)
         check_int("denoise_batch_size", self.denoise_batch_size, minimum=1)
+        check_int("text_batch_size", self.text_batch_size, minimum=1)
         if self.templates is not None and not self.templates:
             raise AdaptError("templates: give at least one prompt template, or None")
         try:
-            format_prompt(self.prompt, self.token)
+            format_prompt(self.prompt or "", self.token or "")
         except ValueError as error:
             raise AdaptError(str(error)) from error
 
@@ -197,13 +226,52 @@ def is_zero_shot(classifier: torch.nn.Module) -> bool:
     return hasattr(classifier, "compute_class_embeddings")
 
 
-def classifier_logits(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+def classifier_logits(
+    classifier: torch.nn.Module, images: torch.Tensor, text_batch_size: int = 256
+) -> torch.Tensor:
     """Logits of images in [0, 1]; for CLIP with class embeddings from the current text
-    encoder, with gradients (the cached ones would be stale after the first step)."""
+    encoder, with gradients (the cached ones would be stale after the first step),
+    computed in chunks of at most `text_batch_size` prompts (`chunked_class_embeddings`)."""
     if is_zero_shot(classifier):
-        embeddings = classifier.compute_class_embeddings(grad=torch.is_grad_enabled())
+        if torch.is_grad_enabled():
+            embeddings = chunked_class_embeddings(classifier, text_batch_size)
+        else:
+            embeddings = classifier.compute_class_embeddings(grad=False)
         return classifier(images, class_embeddings=embeddings)
     return classifier(images)
+
+
+def chunked_class_embeddings(classifier: torch.nn.Module, text_batch_size: int) -> torch.Tensor:
+    """CLIP's class embeddings [K, D] (per class: the normalized mean over the templates
+    of the normalized text embeddings, as `compute_class_embeddings`), with gradients
+    through the text encoder, its memory bounded by one chunk of whole classes
+    (`text_batch_size` // templates classes, at least one).
+
+    Each chunk runs under `torch.utils.checkpoint` (non-reentrant): its activations are
+    dropped after the forward and recomputed in the backward, one chunk at a time. One
+    chunk for all classes is a plain graph (nothing to save by recomputing).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    names, templates = classifier.class_names, classifier.templates
+    per_chunk = max(1, text_batch_size // len(templates))
+    device = classifier.model.logit_scale.device
+
+    def embed(tokens: torch.Tensor) -> torch.Tensor:
+        text = F.normalize(classifier.model.encode_text(tokens), dim=-1)
+        per_class = text.view(-1, len(templates), text.shape[-1]).mean(dim=1)
+        return F.normalize(per_class, dim=-1)
+
+    chunks = []
+    for start in range(0, len(names), per_chunk):
+        prompts = [t.replace("{}", name) for name in names[start : start + per_chunk]
+                   for t in templates]
+        tokens = classifier.tokenizer(prompts).to(device)
+        if per_chunk >= len(names):
+            chunks.append(embed(tokens))
+        else:
+            chunks.append(checkpoint(embed, tokens, use_reentrant=False))
+    return torch.cat(chunks)
 
 
 class FrozenDenoiser:
@@ -214,6 +282,7 @@ class FrozenDenoiser:
     """
 
     def __init__(self, config: FinetuneConfig, device: torch.device):
+        config = with_lora_prompt(config)
         self.device = device
         self.sigmas = None if config.sigmas is None else [float(s) for s in config.sigmas]
         self.chunk = config.denoise_batch_size
@@ -229,6 +298,7 @@ class FrozenDenoiser:
                 lora=config.lora,
                 device=device,
                 dtype=dtype,
+                variant=config.variant,
             )
             self.unet = parts.unet.to(device).eval().requires_grad_(False)
             self.scheduler = parts.scheduler
@@ -336,6 +406,17 @@ def _reference_size(references: Any, resolution: int | None) -> int:
 # -- the run ----------------------------------------------------------------------------
 
 
+def with_lora_prompt(config: FinetuneConfig) -> FinetuneConfig:
+    """The config with its if2 prompt and token settled: each one not given (None) is the
+    LoRA folder's recorded one (`denoisers.lora_info`), else ""."""
+    if config.denoiser != "if2" or (config.prompt is not None and config.token is not None):
+        return config
+    from denoisers.lora_info import resolve_lora_prompt
+
+    prompt, token = resolve_lora_prompt(config.lora, config.prompt, config.token)
+    return dataclasses.replace(config, prompt=prompt, token=token)
+
+
 def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
     """Fine-tune the classifier on denoised references (Eq. 13); return the output folder.
 
@@ -346,8 +427,13 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
     from adapt.references import load_reference_set
     from classifiers.weights_io import save_classifier_weights
 
+    config = with_lora_prompt(config)
+    options = config.classifier_options
     references, folder = prepare_run(
-        config, kind="finetune", config_name=CONFIG_NAME, weights_name=CLASSIFIER_WEIGHTS
+        config, kind="finetune", config_name=CONFIG_NAME, weights_name=CLASSIFIER_WEIGHTS,
+        inputs={"lora": config.lora, "denoiser_checkpoint": config.denoiser_checkpoint,
+                "classifier_checkpoint": options.get("pretrained"),
+                "classifier_weights": options.get("weights")},
     )
     folder.check()  # refuse another run's folder before spending time on models
 
@@ -366,7 +452,8 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
     size = _reference_size(references, config.resolution)
     references = load_reference_set(config.references, size=size)
     batch_size = min(config.batch_size, len(references))
-    steps_per_epoch = math.ceil(len(references) / batch_size)
+    accumulate = config.grad_accum
+    steps_per_epoch = math.ceil(len(references) / (batch_size * accumulate))
     total = config.epochs * steps_per_epoch
 
     trainable = [p for p in network.parameters() if p.requires_grad]
@@ -381,6 +468,8 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
     folder.write_record(
         resolution=size,
         batch_size=batch_size,
+        grad_accum=accumulate,
+        effective_batch_size=batch_size * accumulate,
         steps=total,
         steps_per_epoch=steps_per_epoch,
         classes=list(references.classes),
@@ -390,16 +479,20 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
         trainable_parameters=sum(p.numel() for p in trainable),
     )
 
-    def compute(step: int) -> tuple[torch.Tensor, dict[str, float], dict[str, str]]:
-        images, labels = load_batch(references, config.seed, step, batch_size)
+    def compute(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float], dict[str, str]]:
+        images, labels = load_batch(references, config.seed, step * accumulate + micro,
+                                    batch_size)
         images = fit_channels(images, denoiser.channels)
+        # The draws of the whole step (all micro-batches), sliced: as one big batch.
         generator = step_generator(config.seed, STREAM_STEP, step)
-        draws = denoiser.draw(len(labels), generator)
-        noise = torch.randn(images.shape, generator=generator)
-        denoised = denoiser.denoise(images, noise, draws)  # no gradients: theta* frozen
+        size = batch_size * accumulate
+        draws = denoiser.draw(size, generator)
+        noise = torch.randn((size, *images.shape[1:]), generator=generator)
+        part = micro_slice(micro, batch_size)
+        denoised = denoiser.denoise(images, noise[part], draws[part])  # theta* frozen
         labels = labels.to(device)
         with accelerator.autocast():
-            logits = classifier_logits(classifier, denoised)
+            logits = classifier_logits(classifier, denoised, config.text_batch_size)
             loss = F.cross_entropy(logits.float(), labels)  # Eq. 13
         check_finite_loss(loss, step)
         values = {
@@ -414,9 +507,11 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
         folder, start, compute, optimization, weights=network.state_dict(), steps=total,
         log_columns=LOG_COLUMNS, plot_columns=PLOT_COLUMNS,
         checkpoint_every=config.checkpoint_every, desc="finetune", progress=progress,
+        grad_accum=accumulate, epoch_steps=steps_per_epoch,
     )
     classifier.eval()
     save_classifier_weights(network, folder.weights_path)
+    honour_umask(folder.weights_path)  # written through a private temporary file
     certify: dict[str, Any] = {
         "model": config.classifier,
         "classifier_weights": str(folder.weights_path),
@@ -426,6 +521,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
         "denoiser_checkpoint": denoiser.info.get("checkpoint"),
     }
     if config.denoiser == "if2":
-        certify.update(lora=config.lora, prompt=config.prompt, token=config.token, k=config.k)
+        certify.update(lora=config.lora, prompt=config.prompt, token=config.token, k=config.k,
+                       variant=config.variant)
     finish_run(folder, log, PLOT_COLUMNS, title="adapt finetune", certify=certify)
     return folder.out

@@ -36,9 +36,12 @@ Choices, checked against the paper's code (ChoiDae1/robustify-T2I,
   reference's settings (diffusers' DreamBooth defaults with `--lr_scheduler cosine`).
 - Batches of `batch_size` references, capped at the size of the set (the reference's
   data loader never repeats an image in a batch), cut from a stream of shuffled epochs.
-  The paper's 24 was 6 per GPU on 4 GPUs.
-- Images are resized to `resolution` (default: the UNet's sample size, 256 for IF-II-L;
-  the reference trains at the evaluation set's size, 224 for most sets, 96 for STL-10).
+  The paper's 24 was 6 per GPU on 4 GPUs, so its global batch repeats images when the
+  set is smaller than 24: `batch_size=6, grad_accum=4` is that effective batch on one
+  device (four micro-batches of 6 per update, the same gradient as one batch of 24).
+- Images are resized to `resolution`: 224 by default, the evaluation size the
+  reference trains at (`--resolution 96` for STL-10; None: the UNet's sample size,
+  256 for IF-II-L).
 - LoRA: peft adapters of rank r (alpha = r) on the attention projections, IF's added
   key/value projections included; the reference's diffusers-0.2x LoRA attention
   processors (rank 4) adapt the same layers.
@@ -64,6 +67,7 @@ import torch.nn.functional as F
 from adapt.errors import AdaptError
 from adapt.training import (
     STREAM_STEP,
+    TRAINING_RESOLUTION,
     WEIGHT_DTYPES,
     Optimization,
     bitsandbytes_module,
@@ -73,16 +77,19 @@ from adapt.training import (
     check_number,
     check_training_settings,
     finish_run,
+    honour_umask,
     load_batch,
     make_accelerator,
     make_optimizer,
+    micro_slice,
     prepare_run,
     seed_everything,
     step_generator,
     train_steps,
 )
+from denoisers.lora_info import LORA_RECORD
 
-CONFIG_NAME = "adapt_config.json"
+CONFIG_NAME = LORA_RECORD
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 LOG_COLUMNS = ["step", "loss", "L_diff", "L_clf", "lr", "seconds"]
@@ -100,11 +107,16 @@ class PersonalizeConfig:
         `classifiers.build_classifier(classifier, class_names=<the set's classes>, ...)`.
     token, prompt: the conditioning text is `prompt` with "{}" replaced by `token`.
     k: timestep correction factor (Eq. 8). lam: weight of L_clf (Eq. 12).
-    steps, lr, batch_size, rank: optimizer steps, learning rate, images per step, LoRA rank.
-    checkpoint_every: save resumable state every N steps (0: never).
+    steps, lr, batch_size, rank: optimizer steps, learning rate, images per micro-batch
+        (capped at the number of references), LoRA rank.
+    grad_accum: micro-batches per update (effective batch: batch_size x grad_accum).
+    checkpoint_every: save resumable state every N steps (0: never; SIGINT and SIGTERM
+        always checkpoint). keep_checkpoints: how many to keep while running.
+    variant: checkpoint file variant to load (e.g. "fp16": DeepFloyd's *.fp16.safetensors).
     mixed_precision: "no", "fp16" or "bf16" (frozen weights in that dtype, LoRA in fp32).
     gradient_checkpointing, use_8bit_adam: memory savers (8-bit AdamW needs bitsandbytes).
-    resolution: training size (None: the UNet's sample size).
+    resolution: training size (224, the paper's code's; 96 for STL-10; None: the UNet's
+        sample size).
     overwrite: replace a folder holding another run.
     lr_scheduler, max_grad_norm, weight_decay: the reference implementation's values.
     """
@@ -121,14 +133,17 @@ class PersonalizeConfig:
     steps: int = 500
     lr: float = 1e-4
     batch_size: int = 24
+    grad_accum: int = 1
     rank: int = 4
     checkpoint_every: int = 100
+    keep_checkpoints: int = 1
     seed: int = 0
     device: str = "cpu"
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
-    resolution: int | None = None
+    resolution: int | None = TRAINING_RESOLUTION
+    variant: str | None = None
     overwrite: bool = False
     lr_scheduler: str = "cosine"
     max_grad_norm: float | None = 1.0
@@ -232,6 +247,7 @@ def save_lora(unet: torch.nn.Module, out: Path) -> Path:
         IFSuperResolutionPipeline.save_lora_weights(
             tmp, unet_lora_layers=state, safe_serialization=True
         )
+        honour_umask(tmp / LORA_WEIGHTS)  # safetensors writes files private (0600)
         os.replace(tmp / LORA_WEIGHTS, out / LORA_WEIGHTS)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,7 +268,8 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
     from denoisers import if2
 
     references, folder = prepare_run(
-        config, kind="personalize", config_name=CONFIG_NAME, weights_name=LORA_WEIGHTS
+        config, kind="personalize", config_name=CONFIG_NAME, weights_name=LORA_WEIGHTS,
+        inputs={"checkpoint": config.checkpoint, **_classifier_inputs(config)},
     )
     start = folder.open()
     if start.complete:
@@ -267,6 +284,7 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
         token=config.token,
         device=device,
         dtype=WEIGHT_DTYPES[config.mixed_precision],
+        variant=config.variant,
     )
     unet, scheduler, prompt_embeds = parts.unet.to(device), parts.scheduler, parts.prompt_embeds
     multiple = 2 ** (len(unet.config.down_block_types) - 1)
@@ -304,6 +322,8 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
     folder.write_record(
         resolution=resolution,
         batch_size=batch_size,
+        grad_accum=config.grad_accum,
+        effective_batch_size=batch_size * config.grad_accum,
         classes=list(references.classes),
         num_references=len(references),
         prompt_text=parts.info["prompt"],
@@ -311,11 +331,18 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
     )
     num_timesteps = int(scheduler.config.num_train_timesteps)
 
-    def compute(step: int) -> tuple[torch.Tensor, dict[str, float], dict[str, str]]:
-        images, labels = load_batch(references, config.seed, step, batch_size)
+    accumulate = config.grad_accum
+
+    def compute(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float], dict[str, str]]:
+        images, labels = load_batch(references, config.seed, step * accumulate + micro,
+                                    batch_size)
+        # The draws of the whole step (all micro-batches), sliced: as one big batch.
         generator = step_generator(config.seed, STREAM_STEP, step)
-        timesteps = torch.randint(0, num_timesteps, (len(labels),), generator=generator)
-        noise = torch.randn(images.shape, generator=generator)
+        size = batch_size * accumulate
+        timesteps = torch.randint(0, num_timesteps, (size,), generator=generator)
+        noise = torch.randn((size, *images.shape[1:]), generator=generator)
+        part = micro_slice(micro, batch_size)
+        timesteps, noise = timesteps[part], noise[part]
         with accelerator.autocast():
             loss, l_diff, l_clf = personalization_losses(
                 unet,
@@ -344,6 +371,7 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
         folder, start, compute, optimization, weights=lora, steps=config.steps,
         log_columns=LOG_COLUMNS, plot_columns=PLOT_COLUMNS,
         checkpoint_every=config.checkpoint_every, desc="personalize", progress=progress,
+        grad_accum=accumulate,
     )
     save_lora(unet, folder.out)
     finish_run(
@@ -355,6 +383,13 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
             "prompt": config.prompt,
             "token": config.token,
             "k": config.k,
+            "variant": config.variant,
         },
     )
     return folder.out
+
+
+def _classifier_inputs(config: PersonalizeConfig) -> dict[str, Any]:
+    options = config.classifier_options
+    return {"classifier_checkpoint": options.get("pretrained"),
+            "classifier_weights": options.get("weights")}

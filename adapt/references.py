@@ -25,6 +25,7 @@ defines them: duplicates there (ImageNet's CLIP names list "missile" and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -194,6 +195,34 @@ class ReferenceSet(torch.utils.data.Dataset):
             f"ReferenceSet({str(self.root)!r}, {kind}, {len(self)} images, "
             f"{len(self.classes)} classes)"
         )
+
+
+def reference_fingerprint(references: ReferenceSet) -> str:
+    """What a training run read from a reference set, as one line: the number of classes
+    and images and a SHA-256 over the class names and, per image, its path in the set,
+    label and file bytes. Any class added, renamed or reordered, or image added, removed
+    or changed gives another line (the runs compare it to decide about resuming)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(references.classes, ensure_ascii=False).encode("utf-8"))
+    root = references.root.resolve()
+    for path, label in references.samples:
+        resolved = Path(path).resolve()
+        name = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(
+            resolved
+        )
+        digest.update(json.dumps([name, label], ensure_ascii=False).encode("utf-8"))
+        file_digest = hashlib.sha256()
+        try:
+            with open(resolved, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    file_digest.update(block)
+        except OSError as error:
+            raise ReferenceSetError(f"cannot read reference image {path}: {error}") from error
+        digest.update(file_digest.digest())
+    return (
+        f"{len(references.classes)} classes, {len(references.samples)} images, "
+        f"sha256:{digest.hexdigest()}"
+    )
 
 
 def load_reference_set(folder: str | os.PathLike, *, size: int | None = None) -> ReferenceSet:

@@ -15,17 +15,27 @@ default (1-shot); Tab. 9 of the paper uses 4.
   SeedSequence with spawn key (label, shot)). The set, and any subset of it (fewer
   shots, a prefix of the label list), is reproduced by a rerun with the same settings;
   the initial noise does not depend on the device.
-- Safety checker and watermarker: kept as each checkpoint ships them (nothing is
-  disabled here). Stage 1 returns tensors to stage 2 (as in diffusers' cascade
-  example), so the checks run once, on the final image: the IF-II pipeline's safety
-  checker (which blanks flagged images; those are recorded as `nsfw_detected` in the
-  manifest and skipped by `load_reference_set`) and its watermarker. The tiny test
-  pipelines simply have neither.
+- Batches (`batch_size`, `--synthesis-batch`): several images (of any classes) go
+  through one call of each stage, with a list of their generators, one per image
+  (diffusers draws every image's noise from its own generator, the same draws as for
+  the image alone). An image is then the one made alone but for the float rounding of
+  batched convolutions: on the tiny CPU models of the tests, a few pixel values in a
+  thousand moved by one grey level. `batch_size` is not a setting of the set, so a
+  rerun with another one continues it (the bytes of images made with other batches
+  may differ in that way).
+- No watermark, no safety filter: both stages return tensors (`output_type="pt"`, as
+  the paper's code, ChoiDae1/robustify-T2I `generate_dataset.py`, and diffusers' IF
+  documentation between stages do), converted to PNG with diffusers' `pt_to_pil`. The
+  IF pipelines apply their watermarker and safety checker only to PIL/NumPy output, so
+  a "pil" stage 2 would stamp DeepFloyd's watermark into every reference (and the
+  denoiser would learn it) and black out images the checker flags (those were dropped).
+  Neither component is loaded. `nsfw_detected` stays in the manifest's records (None);
+  `load_reference_set` still skips images an older manifest marks as flagged.
 - Output: `OUT/images/<label:04d>/<shot:02d>.png` and `OUT/manifest.json` (classes,
   template, settings, one record per image with its prompt, seed and model ids), both
-  written atomically (temporary file, then rename); the manifest is rewritten after
-  every image. Resized (bicubic) to `resolution` when that differs from the stage-2
-  output size.
+  written atomically (temporary file, then rename, mode from the umask); the manifest
+  is rewritten after every batch. Resized (bicubic) to `resolution` when that differs
+  from the stage-2 output size (None: kept as the cascade makes them).
 - Resume: images already in OUT are kept, not regenerated; a rerun fills in missing
   ones, extends the label list (the old list must be a prefix of the new one) or adds
   shots. A rerun with other settings (template, models, seed, resolution, dtype, steps,
@@ -85,7 +95,7 @@ def synthesize(
     shots: int = 1,
     stage1: str | os.PathLike = DEFAULT_STAGE1,
     stage2: str | os.PathLike = DEFAULT_STAGE2,
-    resolution: int = 256,
+    resolution: int | None = 256,
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "fp32",
@@ -95,6 +105,7 @@ def synthesize(
     progress: bool = True,
     *,
     variant: str | None = None,
+    batch_size: int = 1,
     overwrite: bool = False,
 ) -> Path:
     """Generate `shots` reference images per class into `out`; return `out`.
@@ -105,7 +116,8 @@ def synthesize(
         template: prompt template C(.) with one "{}" for the class name.
         shots: images per class (the paper: 1).
         stage1, stage2: IF-I and IF-II checkpoints, hub ids or save_pretrained folders.
-        resolution: side of the saved square images (the cascade makes 256 x 256).
+        resolution: side of the saved square images (the cascade makes 256 x 256; None:
+            keep the cascade's size).
         seed: base seed; image (label, shot) uses `image_seed(seed, label, shot)`.
         device, dtype: where and in which precision (fp32, fp16, bf16) the models run.
         steps1, steps2: denoising steps of each stage (None: the pipelines' defaults,
@@ -114,16 +126,19 @@ def synthesize(
             pipelines' defaults, 7.0 and 4.0; <= 1 turns guidance off).
         progress: show a progress bar over the images.
         variant: checkpoint file variant to load (e.g. "fp16" for DeepFloyd's
-            half-precision files).
+            half-precision files, `*.fp16.safetensors`).
+        batch_size: images per pipeline call (memory and speed only).
         overwrite: replace a reference set made with other settings.
     """
     from denoisers.registry import dtype_name, parse_dtype
 
     classes = check_class_names(classes)
     template = check_template(template)
-    for name, value, minimum in (("shots", shots, 1), ("resolution", resolution, 8),
-                                 ("seed", seed, 0)):
-        if int(value) != value or value < minimum:
+    checked = [("shots", shots, 1), ("seed", seed, 0), ("batch_size", batch_size, 1)]
+    if resolution is not None:
+        checked.append(("resolution", resolution, 8))
+    for name, value, minimum in checked:
+        if isinstance(value, bool) or int(value) != value or value < minimum:
             raise AdaptError(f"{name} must be an integer >= {minimum}, got {value}")
     for name, value in (("steps1", steps1), ("steps2", steps2)):
         if value is not None and (int(value) != value or value < 1):
@@ -135,7 +150,8 @@ def synthesize(
 
     settings = _settings(
         template=template, stage1=str(stage1), stage2=str(stage2), seed=int(seed),
-        resolution=int(resolution), dtype=dtype_name(torch_dtype), variant=variant,
+        resolution=None if resolution is None else int(resolution),
+        dtype=dtype_name(torch_dtype), variant=variant,
         steps1=steps1, steps2=steps2, guidance_scale=guidance_scale,
     )
     out = Path(out).expanduser()
@@ -175,47 +191,54 @@ def synthesize(
     write_json(out / MANIFEST, manifest())
     log.info("%s: %d images present, generating %d", out, len(records), len(missing))
 
+    from diffusers.utils import pt_to_pil
     from tqdm.auto import tqdm
 
     g1, g2 = settings["stage1_guidance_scale"], settings["stage2_guidance_scale"]
     guided = g1 > 1.0 or g2 > 1.0
-    by_label: dict[int, list[int]] = {}
-    for label, shot in missing:
-        by_label.setdefault(label, []).append(shot)
+    embeddings: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def embed(label: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Once per class (T5-XXL), however many of its shots are made.
+        if label not in embeddings:
+            with torch.no_grad():
+                embeddings[label] = pipe1.encode_prompt(
+                    fill_template(template, classes[label]), do_classifier_free_guidance=guided,
+                    device=device,
+                )
+        return embeddings[label]
+
     bar = tqdm(total=len(missing), desc="synthesize", unit="image", disable=not progress)
     try:
-        for label, label_shots in by_label.items():
-            prompt = fill_template(template, classes[label])
-            bar.set_postfix_str(classes[label][:30])
-            with torch.no_grad():
-                embeds, negative = pipe1.encode_prompt(
-                    prompt, do_classifier_free_guidance=guided, device=device
-                )
-            for shot in label_shots:
-                generator = torch.Generator("cpu").manual_seed(image_seed(seed, label, shot))
-                low = pipe1(
-                    prompt_embeds=embeds, negative_prompt_embeds=negative,
-                    num_inference_steps=settings["stage1_steps"], guidance_scale=g1,
-                    generator=generator, output_type="pt",
-                ).images
-                result = pipe2(
-                    image=low, prompt_embeds=embeds, negative_prompt_embeds=negative,
-                    num_inference_steps=settings["stage2_steps"], guidance_scale=g2,
-                    noise_level=settings["stage2_noise_level"], generator=generator,
-                    output_type="pil",
-                )
-                image = result.images[0]
-                nsfw = _first(result.nsfw_detected)
-                if nsfw:
-                    log.warning(
-                        "the safety checker blanked %s (%r); it is recorded and skipped when "
-                        "the set is read", image_relpath(label, shot), prompt,
-                    )
-                record = _record(classes, label, shot, settings, nsfw, str(device))
-                _write_image(out / record["path"], image, int(resolution), record)
+        for first in range(0, len(missing), batch_size):
+            batch = missing[first : first + batch_size]
+            bar.set_postfix_str(classes[batch[0][0]][:30])
+            pairs = [embed(label) for label, _ in batch]
+            embeds = torch.cat([positive for positive, _ in pairs])
+            negative = None if pairs[0][1] is None else torch.cat([n for _, n in pairs])
+            generators = [
+                torch.Generator("cpu").manual_seed(image_seed(seed, label, shot))
+                for label, shot in batch
+            ]
+            low = pipe1(
+                prompt_embeds=embeds, negative_prompt_embeds=negative,
+                num_inference_steps=settings["stage1_steps"], guidance_scale=g1,
+                generator=generators, output_type="pt",
+            ).images
+            # Tensors, not "pil": the pipeline would watermark them and run its safety
+            # checker (see the module docstring).
+            high = pipe2(
+                image=low, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                num_inference_steps=settings["stage2_steps"], guidance_scale=g2,
+                noise_level=settings["stage2_noise_level"], generator=generators,
+                output_type="pt",
+            ).images
+            for (label, shot), image in zip(batch, pt_to_pil(high), strict=True):
+                record = _record(classes, label, shot, settings, None, str(device))
+                _write_image(out / record["path"], image, resolution, record)
                 records[(label, shot)] = record
-                write_json(out / MANIFEST, manifest())
-                bar.update()
+            write_json(out / MANIFEST, manifest())
+            bar.update(len(batch))
     finally:
         bar.close()
     return out
@@ -374,11 +397,13 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _write_image(path: Path, image: Any, resolution: int, record: dict[str, Any]) -> None:
+def _write_image(
+    path: Path, image: Any, resolution: int | None, record: dict[str, Any]
+) -> None:
     from PIL import Image, PngImagePlugin
 
     image = image.convert("RGB")
-    if image.size != (resolution, resolution):
+    if resolution is not None and image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
     # The provenance travels with the file when it is copied out of the set.
     info = PngImagePlugin.PngInfo()
@@ -388,13 +413,6 @@ def _write_image(path: Path, image: Any, resolution: int, record: dict[str, Any]
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     atomic_write(path, buffer.getvalue())
-
-
-def _first(flags: Any) -> bool | None:
-    if flags is None:
-        return None
-    flags = list(flags) if not isinstance(flags, bool) else [flags]
-    return bool(flags[0]) if flags else None
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -410,7 +428,12 @@ def _load_pipelines(
     from denoisers.if2 import _HOW_TO_GET_IF
     from denoisers.registry import dtype_kwargs, load_checkpoint, load_tokenizer
 
-    common = {"use_safetensors": True, "variant": variant, **dtype_kwargs(torch_dtype)}
+    common = {
+        "use_safetensors": True, "variant": variant, **dtype_kwargs(torch_dtype),
+        # Tensor output never runs them (see the module docstring): not loaded.
+        "safety_checker": None, "feature_extractor": None, "watermarker": None,
+        "requires_safety_checker": False,
+    }
     what1, what2 = "IF-I model (synthesis stage 1)", "IF-II model (synthesis stage 2)"
 
     # The tokenizers load on their own so that one that cannot be read (the hub's slow

@@ -10,10 +10,19 @@
   (other settings, another kind of run, weights without their settings file) is refused
   with one `AdaptError` and not touched, unless `overwrite`, which deletes the run files
   (and only those) and starts afresh.
+  The settings include a fingerprint of the reference set's content (class names, image
+  files' bytes: `adapt.references.reference_fingerprint`), so a changed set (a class
+  added, an image replaced) is another run: refused, never resumed or returned as done.
+  No input of a run (references, LoRA, checkpoints, weights) may be the output folder
+  or one of its run files: `overwrite` would delete what the run then reads.
 - `CheckpointStore`: `checkpoints/step_N/` holds the trained tensors as safetensors and
   the rest of the training state (optimizer, learning-rate schedule, RNG states, step)
   as a torch file read back with `weights_only=True`. Written to a temporary folder and
-  renamed, so an interruption while saving leaves the previous checkpoint usable.
+  renamed, so an interruption while saving leaves the previous checkpoint usable. The
+  newest `keep_checkpoints` are kept while running; all are deleted once the run is
+  complete (the weights file is the result).
+- Files are written through temporary files and renames, with the modes the umask
+  gives (`honour_umask`: 0644 files and 0755 folders under umask 022), not 0600.
 - `LossLog`: `loss_log.tsv`, one row per step, appended and flushed row by row; on
   resume, rows after the checkpoint's step are dropped (they are recomputed).
 - `plot_loss_curve`: the log as a PNG (matplotlib's object API with the Agg canvas: no
@@ -25,7 +34,15 @@
   `result_settings` (the settings a resumed run must repeat).
 - The loop: `Optimization` (backward, clipping, AdamW, schedule; its checkpoint state),
   `train_steps` (resume, then step, log, show progress and checkpoint), `finish_run`
-  (plot, final losses, the folder's record marked complete).
+  (plot, final losses, the folder's record marked complete, checkpoints pruned).
+  Gradient accumulation (`grad_accum` G): an update is G backward passes over G
+  micro-batches of `batch_size`, each loss divided by G; micro-batch m of step s is
+  batch s G + m of the stream (`stream_batch`), and the per-image draws of step s are
+  made for all G x batch_size images at once and sliced, so G micro-batches of b give
+  the same gradient (to float rounding) as one batch of G b. Checkpoints are written
+  every `checkpoint_every` steps, at the end of every epoch when the caller gives
+  `epoch_steps`, and when SIGINT or SIGTERM arrives (`DeferredSignals`: the step in
+  progress is finished, a checkpoint written, then the signal is delivered as before).
 """
 
 from __future__ import annotations
@@ -36,7 +53,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,7 +88,13 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 MIXED_PRECISION = tuple(WEIGHT_DTYPES)
 LR_SCHEDULERS = ("cosine", "constant")
 # Settings of either run that do not change its result: a run may resume with other values.
-NOT_RESULT_SETTINGS = ("overwrite", "device", "checkpoint_every", "gradient_checkpointing")
+NOT_RESULT_SETTINGS = (
+    "overwrite", "device", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing",
+    "denoise_batch_size", "text_batch_size",
+)
+# The paper's code trains at the evaluation size: 224 x 224 crops, 96 x 96 for STL-10.
+TRAINING_RESOLUTION = 224
+STL_RESOLUTION = 96
 
 # Streams of `step_generator`: which draw a generator is for.
 STREAM_ORDER = 0  # the order of the reference images in one epoch
@@ -113,8 +138,9 @@ def check_int(name: str, value: Any, *, minimum: int) -> None:
 
 def check_training_settings(config: Any) -> None:
     """Raise `AdaptError` for a setting no run could use, among those both configs have:
-    references, out, k, lr, weight_decay, max_grad_norm, batch_size, checkpoint_every,
-    seed, resolution, mixed_precision, lr_scheduler and classifier_options."""
+    references, out, k, lr, weight_decay, max_grad_norm, batch_size, grad_accum,
+    checkpoint_every, keep_checkpoints, seed, resolution, mixed_precision, lr_scheduler
+    and classifier_options."""
     if not str(config.references).strip():
         raise AdaptError("references: give the reference set folder")
     if not str(config.out).strip():
@@ -125,7 +151,9 @@ def check_training_settings(config: Any) -> None:
     if config.max_grad_norm is not None:
         check_number("max_grad_norm", config.max_grad_norm, minimum=0.0, strict=True)
     check_int("batch_size", config.batch_size, minimum=1)
+    check_int("grad_accum", config.grad_accum, minimum=1)
     check_int("checkpoint_every", config.checkpoint_every, minimum=0)
+    check_int("keep_checkpoints", config.keep_checkpoints, minimum=1)
     check_int("seed", config.seed, minimum=0)
     if config.resolution is not None:
         check_int("resolution", config.resolution, minimum=1)
@@ -273,23 +301,56 @@ def canonical(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prepare_run(
-    config: Any, *, kind: str, config_name: str, weights_name: str
+    config: Any,
+    *,
+    kind: str,
+    config_name: str,
+    weights_name: str,
+    inputs: Mapping[str, Any] | None = None,
 ) -> tuple[Any, RunFolder]:
     """Validate `config` and read its reference set (bad input fails before any change);
-    return the set and the run's output folder (not opened yet: see `RunFolder`)."""
-    from adapt.references import load_reference_set
+    return the set and the run's output folder (not opened yet: see `RunFolder`).
+
+    `inputs`: the run's other input paths by option name (None values are skipped); like
+    the references, none may be the output folder or a run file inside it.
+    """
+    from adapt.references import load_reference_set, reference_fingerprint
 
     config.validate()
+    check_inputs_apart(config.out, {"references": config.references, **(inputs or {})})
     references = load_reference_set(config.references)
+    settings = result_settings(config)
+    # The content, not only the path: a class added to the folder is another run.
+    settings["references_content"] = reference_fingerprint(references)
     folder = RunFolder(
         config.out,
         kind=kind,
         config_name=config_name,
         weights_name=weights_name,
-        settings=result_settings(config),
+        settings=settings,
         overwrite=config.overwrite,
+        keep_checkpoints=config.keep_checkpoints,
     )
     return references, folder
+
+
+def check_inputs_apart(out: str | os.PathLike, inputs: Mapping[str, Any]) -> None:
+    """Refuse an input path that is the output folder or a run file (`RUN_FILES`) in it:
+    the run writes there, and `overwrite` deletes those files before reading them."""
+    out_path = Path(out).expanduser().resolve()
+    for name, value in inputs.items():
+        if value is None or not str(value).strip():
+            continue
+        path = Path(str(value)).expanduser().resolve()
+        inside = path.is_relative_to(out_path) and path != out_path
+        if path == out_path or (inside and path.relative_to(out_path).parts[0] in RUN_FILES):
+            flag = "--" + name.replace("_", "-")
+            what = "is the output folder" if path == out_path else "lies in the output folder"
+            raise AdaptError(
+                f"{name} ({flag}) {value} {what} --out {out}: the run writes its results "
+                "there (and --overwrite deletes them first), so it cannot also read them. "
+                "Nothing was changed; write the output to another folder"
+            )
 
 
 class RunFolder:
@@ -419,11 +480,29 @@ class RunFolder:
         self.write_record(status="complete", finished=now(), **updates)
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give a file (0666) or folder (0777) the mode the umask would have given it.
+
+    `tempfile.mkstemp`/`mkdtemp` create private (0600/0700) entries, which renaming
+    into place would otherwise keep.
+    """
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via a temporary file and a rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -485,10 +564,13 @@ class CheckpointStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(step)
         tmp = Path(tempfile.mkdtemp(dir=self.folder, prefix=f".step_{step}."))
+        honour_umask(tmp)
         try:
             tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
             save_file(tensors, str(tmp / self.WEIGHTS), metadata={"step": str(step)})
             torch.save(dict(state, step=step), tmp / self.STATE)
+            for written in (tmp / self.WEIGHTS, tmp / self.STATE):
+                honour_umask(written)  # safetensors writes files private (0600)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -542,6 +624,7 @@ class LossLog:
         lines = ["\t".join(self.columns)]
         lines += ["\t".join(str(row.get(c, "")) for c in self.columns) for row in rows]
         handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write("\n".join(lines) + "\n")
         os.replace(tmp, self.path)
@@ -603,6 +686,7 @@ def plot_loss_curve(
     os.close(handle)
     try:
         figure.savefig(tmp, dpi=100)
+        honour_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -648,8 +732,9 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, steps: int) -
 class Optimization:
     """The update of a training step and its resumable state.
 
-    `step(loss)`: accelerate's backward (loss scaling for fp16), gradient clipping at
-    `max_grad_norm` (None: off), the optimizer and learning-rate schedule steps.
+    `backward(loss)`: accelerate's backward (loss scaling for fp16), gradients summed
+    over calls; `update()`: gradient clipping at `max_grad_norm` (None: off), the
+    optimizer and learning-rate schedule steps, gradients reset.
     `state_dict()` / `load_state_dict(state)`: optimizer, schedule, loss scaler and the
     global RNG states, as a checkpoint's `state.pt` holds them.
     """
@@ -670,9 +755,12 @@ class Optimization:
         self.parameters = parameters
         self.max_grad_norm = max_grad_norm
 
-    def step(self, loss: torch.Tensor) -> float:
-        """Backpropagate `loss` and update; return the learning rate of this update."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add the gradient of `loss` to the parameters' gradients."""
         self.accelerator.backward(loss)
+
+    def update(self) -> float:
+        """Clip, step and reset the gradients; return the learning rate of this update."""
         if self.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -718,14 +806,20 @@ def build_classifier_on(
 
 
 def load_batch(
-    references: Any, seed: int, step: int, batch_size: int
+    references: Any, seed: int, index: int, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [B, 3, H, W] in [0, 1] and labels [B] of the batch of step `step` (0-based)
-    in the stream of shuffled epochs (`stream_batch`)."""
-    items = [references[i] for i in stream_batch(seed, step, batch_size, len(references))]
+    """Images [B, 3, H, W] in [0, 1] and labels [B] of batch `index` (0-based) in the
+    stream of shuffled epochs (`stream_batch`); with gradient accumulation G, step s
+    reads batches s G .. s G + G - 1."""
+    items = [references[i] for i in stream_batch(seed, index, batch_size, len(references))]
     images = torch.stack([image for image, _ in items])
     labels = torch.tensor([int(label) for _, label in items], dtype=torch.long)
     return images, labels
+
+
+def micro_slice(micro: int, batch_size: int) -> slice:
+    """The images of micro-batch `micro` among the draws made for a whole step."""
+    return slice(micro * batch_size, (micro + 1) * batch_size)
 
 
 def check_finite_loss(
@@ -744,9 +838,55 @@ def check_finite_loss(
         )
 
 
-# What one step computes: its loss (checked finite), the loss log's values of the step
-# (but step, lr and seconds) and the progress bar's postfix.
-StepLoss = Callable[[int], tuple[torch.Tensor, dict[str, float], dict[str, str]]]
+# What one micro-batch of a step computes, called as compute(step, micro): its loss
+# (checked finite), the loss log's values (but step, lr and seconds) and the progress
+# bar's postfix. The update of step s follows its `grad_accum` micro-batches.
+StepLoss = Callable[[int, int], tuple[torch.Tensor, dict[str, float], dict[str, str]]]
+
+
+class DeferredSignals:
+    """Hold SIGINT and SIGTERM while a step runs, so the loop can checkpoint first.
+
+    `received`: the signal number that arrived (None: none). `deliver()` restores the
+    previous handlers and raises that signal again, so it acts as it would have (SIGINT:
+    KeyboardInterrupt; SIGTERM: the default ends the process). A second signal while one
+    is held acts at once. Handlers can only be set from the main thread; elsewhere this
+    does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> DeferredSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._hold)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._restore()
+
+    def _hold(self, number: int, frame: Any) -> None:
+        if self.received is not None:  # asked twice: stop now
+            self._restore()
+            signal.raise_signal(number)
+            return
+        self.received = number
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            # None: a handler set outside Python, which cannot be put back; use the default.
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def deliver(self) -> None:
+        if self.received is not None:
+            number, self.received = self.received, None
+            self._restore()
+            signal.raise_signal(number)
 
 
 def train_steps(
@@ -762,11 +902,17 @@ def train_steps(
     checkpoint_every: int,
     desc: str,
     progress: bool,
+    grad_accum: int = 1,
+    epoch_steps: int | None = None,
 ) -> LossLog:
     """Resume from `start` (the trained `weights` and the optimization state of its
-    checkpoint), then run steps `start.step` .. `steps - 1` (0-based): `compute(step)`,
-    the update, a row of the loss log, the progress bar, and every `checkpoint_every`
-    steps (0: never) a checkpoint and the loss curve. Return the loss log."""
+    checkpoint), then run steps `start.step` .. `steps - 1` (0-based): `compute(step,
+    micro)` and its backward for each of the `grad_accum` micro-batches (losses divided by
+    `grad_accum`), the update, a row of the loss log (values averaged over the
+    micro-batches), the progress bar; a checkpoint and the loss curve every
+    `checkpoint_every` steps (0: never), after every `epoch_steps` steps (None: no
+    epochs), and when SIGINT/SIGTERM arrives (then the signal is delivered). Return the
+    loss log."""
     if start.checkpoint is not None:
         saved, state = folder.checkpoints.load(start.checkpoint)
         load_into(weights, saved)
@@ -775,17 +921,31 @@ def train_steps(
     log.start(start.step)
     bar = progress_bar(steps, start.step, desc, progress)
     try:
-        for step in range(start.step, steps):
-            began = time.perf_counter()
-            loss, values, postfix = compute(step)
-            lr = optimization.step(loss)
-            done = step + 1
-            log.append({**values, "step": done, "lr": lr, "seconds": time.perf_counter() - began})
-            bar.update(1)
-            bar.set_postfix(postfix)
-            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
-                folder.checkpoints.save(done, weights, optimization.state_dict())
-                plot_loss_curve(log, folder.loss_curve_path, plot_columns)
+        with DeferredSignals() as signals:
+            for step in range(start.step, steps):
+                began = time.perf_counter()
+                totals: dict[str, float] = {}
+                for micro in range(grad_accum):
+                    loss, values, postfix = compute(step, micro)
+                    optimization.backward(loss / grad_accum if grad_accum > 1 else loss)
+                    for name, value in values.items():
+                        totals[name] = totals.get(name, 0.0) + float(value) / grad_accum
+                lr = optimization.update()
+                done = step + 1
+                row = values if grad_accum == 1 else totals
+                log.append({**row, "step": done, "lr": lr,
+                            "seconds": time.perf_counter() - began})
+                bar.update(1)
+                bar.set_postfix(postfix)
+                periodic = bool(checkpoint_every) and done % checkpoint_every == 0
+                epoch_end = bool(epoch_steps) and done % epoch_steps == 0
+                interrupted = signals.received is not None
+                if interrupted or ((periodic or epoch_end) and done < steps):
+                    folder.checkpoints.save(done, weights, optimization.state_dict())
+                    plot_loss_curve(log, folder.loss_curve_path, plot_columns)
+                if interrupted:
+                    bar.close()
+                    signals.deliver()
     finally:
         bar.close()
     return log
@@ -795,10 +955,12 @@ def finish_run(
     folder: RunFolder, log: LossLog, plot_columns: Sequence[str], *, title: str,
     certify: Mapping[str, Any],
 ) -> None:
-    """After the weights are saved: the loss curve, and the record marked complete with the
-    final losses and the `certify` options that use the result."""
+    """After the weights are saved: the loss curve, the record marked complete with the
+    final losses and the `certify` options that use the result, the checkpoints deleted."""
     plot_loss_curve(log, folder.loss_curve_path, plot_columns, title=title)
     folder.finish(final=final_losses(log), certify=dict(certify))
+    # The weights file is the result: the resumable state is no longer needed.
+    shutil.rmtree(folder.checkpoints.folder, ignore_errors=True)
 
 
 def final_losses(log: LossLog, window: int = 10) -> dict[str, Any]:

@@ -90,10 +90,10 @@ def _check_references(references: str) -> None:
         load_reference_set(references)
 
 
-def _check_prompt(prompt: str, token: str) -> None:
+def _check_prompt(prompt: str | None, token: str | None) -> None:
     from adapt.references import check_template
 
-    if token:
+    if token and prompt is not None:
         with _clear_errors():
             check_template(prompt)
 
@@ -118,12 +118,11 @@ _SYNTHESIS_OPTIONS = _options(
                  help="Text-to-image base model (64x64): hub id or save_pretrained folder."),
     click.option("--stage2", default=IF2,
                  help="Super-resolution model (64 -> 256): hub id or save_pretrained folder."),
-    click.option("--resolution", type=int, default=256, callback=_positive,
-                 help="Side of the saved images (resized if the cascade's output differs)."),
     click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
                  help="Precision of the IF models (fp16 on GPU halves the memory)."),
-    click.option("--variant", default=None,
-                 help="Checkpoint file variant, e.g. fp16 for DeepFloyd's half-precision files."),
+    click.option("--synthesis-batch", type=int, default=1, callback=_positive,
+                 help="Images per IF-I/IF-II call (memory and speed only: every image keeps "
+                      "its own seeded generator)."),
     click.option("--stage1-steps", type=int, default=None, callback=_positive,
                  help="Denoising steps of stage 1 [default: the pipeline's, 100]."),
     click.option("--stage2-steps", type=int, default=None, callback=_positive,
@@ -145,7 +144,11 @@ _PERSONALIZE_OPTIONS = _options(
     click.option("--lr", type=float, default=1e-4, callback=_positive,
                  help="Personalization learning rate (App. A.4: 1e-4)."),
     click.option("--batch-size", type=int, default=24, callback=_positive,
-                 help="Personalization batch size (App. A.4: 24)."),
+                 help="Personalization batch size (App. A.4: 24, which was 4 GPUs x 6: "
+                      "--batch-size 6 --grad-accum 4 is the same effective batch)."),
+    click.option("--grad-accum", type=int, default=1, callback=_positive,
+                 help="Micro-batches of --batch-size per update (effective batch: their "
+                      "product; the same gradient as one batch of that size)."),
     click.option("--rank", type=int, default=4, callback=_positive, help="LoRA rank."),
     click.option("--gradient-checkpointing", is_flag=True,
                  help="Recompute UNet activations in the backward pass (less memory)."),
@@ -191,17 +194,30 @@ def _finetune_options(prefix: str) -> Callable:
                      help="Classifier fine-tuning learning rate (App. A.4: 5e-7)."),
         click.option(f"--{prefix}batch-size", type=int, default=256, callback=_positive,
                      help="Classifier fine-tuning batch size (App. A.4: 256)."),
+        click.option(f"--{prefix}grad-accum", type=int, default=1, callback=_positive,
+                     help="Fine-tuning micro-batches per update (effective batch: "
+                          f"--{prefix}batch-size x this)."),
     )
 
 
 _RESOLUTION_OPTION = click.option(
-    "--resolution", type=int, default=None, callback=_positive,
-    help="Train at this image size [default: the references' own].",
+    "--resolution", type=int, default=224, callback=_positive,
+    help="Train at this image size: the evaluation size, as the paper's code (224; 96 "
+         "for STL-10).",
+)
+
+_VARIANT_OPTION = click.option(
+    "--variant", default=None,
+    help="Checkpoint file variant, e.g. fp16 for DeepFloyd's half-precision files "
+         "(*.fp16.safetensors).",
 )
 
 _TRAINING_OPTIONS = _options(
     click.option("--checkpoint-every", type=int, default=100, callback=_positive,
-                 help="Save resumable training state every N steps."),
+                 help="Save resumable training state every N steps (finetune also at "
+                      "every epoch's end; both on Ctrl-C/SIGTERM)."),
+    click.option("--keep-checkpoints", type=int, default=1, callback=_positive,
+                 help="Checkpoints kept while training (all deleted once it completes)."),
     click.option("--mixed-precision", type=click.Choice(PRECISIONS), default="no",
                  help="accelerate's mixed precision of training (bf16 on A100/H100)."),
 )
@@ -211,7 +227,8 @@ _RUNTIME_OPTIONS = _options(
     click.option("--device", default="auto",
                  help="cpu, cuda, cuda:1, ... (auto: cuda when available)."),
     click.option("--overwrite", is_flag=True,
-                 help="Replace results of a run with other settings in --out."),
+                 help="Replace results of a run with other settings in --out (only the "
+                      "files this command writes; an input inside --out is refused)."),
     click.option("--quiet", is_flag=True, help="No progress bars."),
 )
 
@@ -245,6 +262,9 @@ def adapt_group() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Reference folder: images/<label>/<shot>.png and manifest.json.")
 @_SYNTHESIS_OPTIONS
+@click.option("--resolution", type=int, default=256, callback=_positive,
+              help="Side of the saved images (resized if the cascade's output differs).")
+@_VARIANT_OPTION
 @_RUNTIME_OPTIONS
 def synthesize_command(**options: Any) -> None:
     """Generate a reference set from class names (Sec. 3.2, "Reference Set Synthesis").
@@ -259,12 +279,13 @@ def synthesize_command(**options: Any) -> None:
     from cli.options import resolve_device  # loads torch: not for --help
 
     device = resolve_device(options["device"])
-    out = _synthesize(classes, options, device, options["out"])
+    out = _synthesize(classes, options, device, options["out"], options["resolution"])
     click.echo(f"reference set: {out} ({len(classes)} classes x {options['shots']} shots); "
                f"next: adapt personalize --references {shlex.quote(str(out))} --out LORA_DIR")
 
 
-def _synthesize(classes: list[str], options: dict[str, Any], device: str, out: str) -> Path:
+def _synthesize(classes: list[str], options: dict[str, Any], device: str, out: str,
+                resolution: int | None) -> Path:
     from adapt.synthesize import image_relpath, synthesize
 
     wanted = [image_relpath(label, shot)
@@ -274,11 +295,11 @@ def _synthesize(classes: list[str], options: dict[str, Any], device: str, out: s
         result = synthesize(
             classes, out, template=options["template"], shots=options["shots"],
             stage1=options["stage1"], stage2=options["stage2"],
-            resolution=options["resolution"], seed=options["seed"], device=device,
+            resolution=resolution, seed=options["seed"], device=device,
             dtype=options["dtype"], steps1=options["stage1_steps"],
             steps2=options["stage2_steps"], guidance_scale=options["guidance_scale"],
             progress=not options["quiet"], variant=options["variant"],
-            overwrite=options["overwrite"],
+            batch_size=options["synthesis_batch"], overwrite=options["overwrite"],
         )
     kept = 0 if options["overwrite"] else present
     click.echo(f"synthesize: {len(wanted) - kept} images generated, {kept} kept")
@@ -299,6 +320,7 @@ def _synthesize(classes: list[str], options: dict[str, Any], device: str, out: s
 @_DREAMBOOTH_PROMPT_OPTIONS
 @_PERSONALIZE_OPTIONS
 @_RESOLUTION_OPTION
+@_VARIANT_OPTION
 @_TRAINING_OPTIONS
 @_RUNTIME_OPTIONS
 def personalize_command(**options: Any) -> None:
@@ -331,8 +353,9 @@ def _train(train: Callable, config_type: type, options: dict[str, Any], device: 
                                                    options.get("classifier_weights")),
             token=options["token"], prompt=options["prompt"], k=options["k"],
             lr=options["lr"], batch_size=options["batch_size"],
-            resolution=options.get("resolution"),
-            checkpoint_every=options["checkpoint_every"], seed=options["seed"], device=device,
+            grad_accum=options["grad_accum"], resolution=options.get("resolution"),
+            variant=options["variant"], checkpoint_every=options["checkpoint_every"],
+            keep_checkpoints=options["keep_checkpoints"], seed=options["seed"], device=device,
             mixed_precision=options["mixed_precision"], overwrite=options["overwrite"],
             **settings,
         )
@@ -369,16 +392,21 @@ def _personalize(options: dict[str, Any], device: str, references: str | Path,
               help=f"Denoiser weights: hub id or save_pretrained folder [if2: {IF2}].")
 @click.option("--lora", type=click.Path(file_okay=False),
               help="LoRA folder from `adapt personalize` (frozen) [default: none].")
-@click.option("--token", default="", help="Word for the prompt's '{}' (e.g. sks with --lora).")
-@click.option("--prompt", default="",
-              help="Denoiser prompt template (e.g. 'a photo of a {}.' with --lora).")
+@click.option("--token", default=None,
+              help="Word for the prompt's '{}' [default: the one --lora records, else none].")
+@click.option("--prompt", default=None,
+              help="Denoiser prompt template [default: the one --lora records (`adapt "
+                   "personalize` writes it), else the empty prompt].")
 @click.option("--k", "k", type=float, default=1.8, callback=_positive,
               help="Timestep correction factor of the denoiser (Eq. 8).")
 @_finetune_options("")
 @click.option("--template", "templates", multiple=True,
               help="CLIP prompt template with '{}' (repeat for several) [default: the "
                    "classifier's own: CLIP's 80 ImageNet templates, as certify uses].")
+@click.option("--text-batch-size", type=int, default=256, callback=_positive,
+              help="CLIP prompts per text-encoder chunk with gradients (memory only).")
 @_RESOLUTION_OPTION
+@_VARIANT_OPTION
 @_TRAINING_OPTIONS
 @_RUNTIME_OPTIONS
 def finetune_command(**options: Any) -> None:
@@ -409,7 +437,7 @@ def _finetune(options: dict[str, Any], device: str, references: str | Path, out:
         denoiser=options.get("denoiser", "if2"),
         denoiser_checkpoint=options["denoiser_checkpoint"],
         lora=None if lora is None else str(lora), sigmas=options["sigmas"],
-        epochs=options["epochs"],
+        epochs=options["epochs"], text_batch_size=options.get("text_batch_size", 256),
     )
 
 
@@ -429,6 +457,11 @@ def _finetune(options: dict[str, Any], device: str, references: str | Path, out:
 @_SYNTHESIS_OPTIONS
 @_PERSONALIZE_OPTIONS
 @_finetune_options("finetune-")
+@click.option("--resolution", type=int, default=None, callback=_positive,
+              help="Training size of personalization and fine-tuning [default: the "
+                   "evaluation size, as the paper's code: 96 for --dataset stl10, else 224]. "
+                   "References are synthesized at the cascade's 256.")
+@_VARIANT_OPTION
 @_TRAINING_OPTIONS
 @_RUNTIME_OPTIONS
 def run_command(**options: Any) -> None:
@@ -450,9 +483,11 @@ def run_command(**options: Any) -> None:
         raise CommandError(f"adapt run needs adapt.personalize and adapt.finetune: {error}") \
             from error
     out = Path(options["out"]).expanduser()
-    references = _synthesize(classes, options, device, str(out / "references"))
-    # The references are already at --resolution: personalize at their own size.
-    lora = _personalize({**options, "resolution": None}, device, references, out / "lora")
+    # The cascade's own size (256); both trainings resize to the training resolution.
+    references = _synthesize(classes, options, device, str(out / "references"), None)
+    resolution = options["resolution"] or _evaluation_resolution(options["dataset"])
+    lora = _personalize({**options, "resolution": resolution}, device, references,
+                        out / "lora")
     # Fine-tune with the templates certify will use: the dataset's, else CLIP's default.
     templates = None
     if options["dataset"] is not None and _accepts_templates(options["classifier"]):
@@ -461,8 +496,9 @@ def run_command(**options: Any) -> None:
         with _clear_errors():
             templates = dataset_templates(options["dataset"])
     finetuned = {**options, "denoiser_checkpoint": options["checkpoint"], "denoiser": "if2",
-                 "templates": templates, "resolution": None,
-                 "lr": options["finetune_lr"], "batch_size": options["finetune_batch_size"]}
+                 "templates": templates, "resolution": resolution,
+                 "lr": options["finetune_lr"], "batch_size": options["finetune_batch_size"],
+                 "grad_accum": options["finetune_grad_accum"]}
     classifier = _finetune(finetuned, device, references, out / "classifier", lora)
 
     command = certify_command_line(
@@ -474,6 +510,13 @@ def run_command(**options: Any) -> None:
     click.echo(command)
     click.echo("")
     click.echo(_data_note(options["dataset"], classes))
+
+
+def _evaluation_resolution(dataset: str | None) -> int:
+    """The size certify evaluates at, which the paper's code also trains at."""
+    from adapt.training import STL_RESOLUTION, TRAINING_RESOLUTION
+
+    return STL_RESOLUTION if dataset == "stl10" else TRAINING_RESOLUTION
 
 
 def _accepts_templates(name: str) -> bool:

@@ -225,7 +225,7 @@ def _with_denoiser(
     if options["denoiser"] == "none":
         if options["denoiser_checkpoint"] or options["lora"] or options["variant"]:
             raise click.UsageError(
-                "--denoiser-checkpoint, --lora and --variant need a --denoiser"
+                "--denoiser-checkpoint, --lora and --variant need --denoiser dds or if2"
             )
         if options["micro_batch"] is not None:
             # refused, not ignored: without a denoiser --batch is already the forward pass

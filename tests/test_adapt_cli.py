@@ -13,6 +13,7 @@ import json
 import shlex
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -324,3 +325,102 @@ def test_adapt_run_ends_with_a_certify_command_that_runs(labels, tmp_path, offli
     settings = json.loads(open(f"{stem}.json").read())["settings"]
     assert settings["denoiser"]["lora"] == str((out / "lora").resolve())
     assert settings["denoiser"]["prompt"] == "a photo of a sks."
+
+
+# -- inputs and outputs, options threaded to the library ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [("finetune", "--lora"), ("finetune", "--references"), ("personalize", "--references"),
+     ("personalize", "--checkpoint")],
+)
+def test_an_input_that_is_the_output_folder_is_refused_even_with_overwrite(
+    tmp_path, command, flag
+):
+    """`--overwrite` deletes only this command's outputs: an input at --out is refused."""
+    from tests.tiny_models import save_tiny_if2_lora
+
+    shared = save_tiny_if2_lora(tmp_path / "shared")  # a LoRA folder (personalize's output)
+    image_folder(shared, ["cat", "dog"])  # and a reference set, for --references
+    before = snapshot(shared)
+    references = ["--references", shared] if flag == "--references" else [
+        "--references", image_folder(tmp_path / "refs", ["cat", "dog"])]
+    extra = [] if flag == "--references" else [flag, shared]
+    result = invoke(command, *references, "--out", shared, *extra, "--overwrite",
+                    "--device", "cpu")
+    assert_refused(result, flag, "output folder", "--out")
+    assert snapshot(shared) == before
+
+
+def _spy_training(monkeypatch, tmp_path):
+    """Replace synthesize/personalize/finetune by recorders; return what they received."""
+    import adapt.finetune
+    import adapt.personalize
+    import adapt.synthesize
+    from tests.tiny_classifiers import write_reference_set
+
+    seen = {}
+
+    def synthesize(classes, out, **kwargs):
+        seen["synthesize"] = kwargs
+        return write_reference_set(out, list(classes))
+
+    def train(name):
+        def run(config, progress=True):
+            seen[name] = config
+            Path(config.out).mkdir(parents=True, exist_ok=True)
+            return Path(config.out)
+        return run
+
+    monkeypatch.setattr(adapt.synthesize, "synthesize", synthesize)
+    monkeypatch.setattr(adapt.personalize, "personalize", train("personalize"))
+    monkeypatch.setattr(adapt.finetune, "finetune", train("finetune"))
+    return seen
+
+
+def test_personalize_and_finetune_pass_variant_batches_checkpoints_and_resolution(
+    tmp_path, monkeypatch
+):
+    seen = _spy_training(monkeypatch, tmp_path)
+    references = image_folder(tmp_path / "refs", ["cat", "dog"])
+    result = invoke("personalize", "--references", references, "--out", tmp_path / "lora",
+                    "--variant", "fp16", "--batch-size", "6", "--grad-accum", "4",
+                    "--keep-checkpoints", "3", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    config = seen["personalize"]
+    assert (config.variant, config.batch_size, config.grad_accum) == ("fp16", 6, 4)
+    assert config.keep_checkpoints == 3 and config.resolution == 224  # the evaluation size
+    result = invoke("finetune", "--references", references, "--out", tmp_path / "clf",
+                    "--lora", tmp_path / "lora", "--variant", "fp16", "--grad-accum", "2",
+                    "--resolution", "96", "--text-batch-size", "64", "--device", "cpu",
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    config = seen["finetune"]
+    assert (config.variant, config.grad_accum, config.resolution) == ("fp16", 2, 96)
+    assert config.text_batch_size == 64
+    assert config.prompt is None and config.token is None  # the LoRA's recorded ones
+
+
+@pytest.mark.parametrize(
+    ("args", "resolution"),
+    [(["--labels", "LABELS"], 224), (["--dataset", "stl10"], 96),
+     (["--labels", "LABELS", "--resolution", "64"], 64)],
+    ids=["default", "stl10", "given"],
+)
+def test_adapt_run_threads_variant_and_trains_at_the_evaluation_resolution(
+    tmp_path, monkeypatch, labels, args, resolution
+):
+    seen = _spy_training(monkeypatch, tmp_path)
+    args = [str(labels("cat\ndog\n")) if a == "LABELS" else a for a in args]
+    result = invoke("run", *args, "--out", tmp_path / "run", "--variant", "fp16",
+                    "--synthesis-batch", "4", "--grad-accum", "4", "--batch-size", "6",
+                    "--finetune-grad-accum", "2", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    synthesis = seen["synthesize"]
+    assert synthesis["variant"] == "fp16" and synthesis["batch_size"] == 4
+    assert synthesis["resolution"] is None  # the cascade's own 256; trainings resize
+    personalized, finetuned = seen["personalize"], seen["finetune"]
+    assert personalized.variant == finetuned.variant == "fp16"
+    assert personalized.resolution == finetuned.resolution == resolution
+    assert (personalized.batch_size, personalized.grad_accum, finetuned.grad_accum) == (6, 4, 2)

@@ -60,6 +60,7 @@ def clip_config(tiny, tmp_path):
             lr=1e-3,  # large, so a few steps move the tiny model visibly
             batch_size=2,
             checkpoint_every=1,
+            resolution=32,
         )
         settings.update(changes)
         return FinetuneConfig(**settings)
@@ -153,11 +154,11 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(clip_config, tmp_
     calls = {"n": 0}
     original = module.classifier_logits
 
-    def interrupted(classifier, images):
+    def interrupted(classifier, images, *args):
         calls["n"] += 1
         if calls["n"] == 4:  # during step 4, after the checkpoint of step 3
             raise KeyboardInterrupt
-        return original(classifier, images)
+        return original(classifier, images, *args)
 
     monkeypatch.setattr(module, "classifier_logits", interrupted)
     resumed_out = tmp_path / "resumed"
@@ -187,7 +188,7 @@ def test_torchvision_finetuning_reloads_into_certify(tiny, tmp_path, monkeypatch
             references=str(tiny["references"]), out=str(tmp_path / "out"), classifier="resnet18",
             classifier_options={"weights": str(tiny["resnet"])},
             denoiser_checkpoint=str(tiny["if2"]), epochs=1, lr=1e-2, batch_size=4,
-            sigmas=[0.5],
+            sigmas=[0.5], resolution=32,
         ),
         progress=False,
     )
@@ -252,7 +253,7 @@ def test_digits_cnn_finetuned_with_the_bundled_ddpm_reloads_into_certify(tmp_pat
         FinetuneConfig(
             references=str(refs), out=str(tmp_path / "out"), classifier="digits-clean",
             denoiser="dds", denoiser_checkpoint=str(denoisers.BUNDLED_DIGITS_DDPM),
-            sigmas=[0.25], epochs=2, lr=1e-3, batch_size=10,
+            sigmas=[0.25], epochs=2, lr=1e-3, batch_size=10, resolution=8,
         ),
         progress=False,
     )
