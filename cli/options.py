@@ -12,6 +12,7 @@ import torch
 
 import denoisers
 from cli.errors import CommandError
+from denoisers.lora_info import resolve_lora_prompt
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,10 +65,13 @@ DENOISER_OPTIONS = [
     click.option("--denoiser-checkpoint",
                  help="Hub id or local folder of the denoiser [if2: DeepFloyd/IF-II-L-v1.0; "
                       "dds on digits: the bundled digits DDPM]."),
-    click.option("--prompt", default="", show_default=True,
+    click.option("--prompt", default=None,
                  help="if2: text prompt; '{}' in it is filled with --token (e.g. "
-                      "'a photo of a {}.' with --token sks after `adapt personalize`)."),
-    click.option("--token", default="", help="if2: word put in the prompt's '{}'."),
+                      "'a photo of a {}.' with --token sks after `adapt personalize`) "
+                      "[default: the one recorded in --lora's folder, else '']."),
+    click.option("--token", default=None,
+                 help="if2: word put in the prompt's '{}' [default: the one recorded in "
+                      "--lora's folder, else '']."),
     click.option("--lora", type=click.Path(file_okay=False),
                  help="if2: folder of LoRA weights from `adapt personalize`."),
     click.option("--variant", callback=_variant_name,
@@ -114,7 +118,9 @@ def build_denoiser(options: dict[str, Any], sigma: float, k: float, device: str)
     if options["variant"] is not None:
         built["variant"] = options["variant"]
     if name == "if2":
-        built.update(k=k, prompt=options["prompt"], token=options["token"], lora=options["lora"],
+        # A LoRA of `adapt personalize` is conditioned on the text it was trained with.
+        prompt, token = resolve_lora_prompt(options["lora"], options["prompt"], options["token"])
+        built.update(k=k, prompt=prompt, token=token, lora=options["lora"],
                      timestep_rounding=options.get("timestep_rounding") or "floor")
     elif options["lora"] or options["prompt"] or options["token"]:
         raise click.UsageError("--lora, --prompt and --token apply to --denoiser if2 only")

@@ -48,10 +48,11 @@ def resolve_lora_prompt(
     lora: str | os.PathLike | None, prompt: str | None, token: str | None
 ) -> tuple[str, str]:
     """(prompt, token) for a denoiser with this LoRA: each one given (not None) is kept,
-    each one not given is the LoRA folder's recorded value, else ""."""
+    each one not given is the LoRA folder's recorded value, else "". A given prompt without
+    a "{}" takes no recorded token (`--prompt ""` means the empty prompt, not an error)."""
     recorded = recorded_lora_prompt(lora) or {}
     if prompt is None:
         prompt = recorded.get("prompt", "")
     if token is None:
-        token = recorded.get("token", "")
+        token = recorded.get("token", "") if "{}" in prompt else ""
     return prompt, token

@@ -366,6 +366,7 @@ def test_finetune_uses_the_prompt_and_token_a_lora_folder_records(finetune_confi
     # given values win, one by one; a folder without a record gives ""
     assert resolve_lora_prompt(lora, "a {} here", None) == ("a {} here", "xyz")
     assert resolve_lora_prompt(lora, None, "") == ("art of a {}.", "")
+    assert resolve_lora_prompt(lora, "", None) == ("", "")  # the empty prompt, as asked
     assert resolve_lora_prompt(tmp_path, None, None) == ("", "")
     assert resolve_lora_prompt(None, None, None) == ("", "")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -9,7 +11,8 @@ from PIL import Image
 
 import cli.denoise
 from cli.denoise import denoise_command
-from tests.tiny_models import save_tiny_if2
+from cli.options import build_denoiser
+from tests.tiny_models import save_tiny_if2, save_tiny_if2_lora
 
 
 @pytest.fixture
@@ -83,3 +86,20 @@ def test_bad_input(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "g.png").exists()
+
+
+def test_certify_and_denoise_condition_on_the_lora_folders_prompt(tmp_path):
+    checkpoint = save_tiny_if2(tmp_path / "if2")
+    lora = save_tiny_if2_lora(tmp_path / "lora")
+    record = {"certify": {"prompt": "a photo of a {}.", "token": "sks"}}
+    (lora / "adapt_config.json").write_text(json.dumps(record))
+    options = {
+        "denoiser": "if2", "dtype": "fp32", "denoiser_checkpoint": str(checkpoint),
+        "dataset": "folder:x", "variant": None, "lora": str(lora), "timestep_rounding": None,
+        "prompt": None, "token": None,  # what --prompt/--token give when not passed
+    }
+    assert build_denoiser(options, 0.5, 1.8, "cpu").settings()["prompt"] == "a photo of a sks."
+    given = {**options, "prompt": "this is a {}", "token": "dog"}
+    assert build_denoiser(given, 0.5, 1.8, "cpu").settings()["prompt"] == "this is a dog"
+    empty = {**options, "prompt": ""}
+    assert build_denoiser(empty, 0.5, 1.8, "cpu").settings()["prompt"] == ""
