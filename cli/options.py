@@ -48,6 +48,8 @@ DENOISER_OPTIONS = [
     click.option("--token", default="", help="if2: word put in the prompt's '{}'."),
     click.option("--lora", type=click.Path(file_okay=False),
                  help="if2: folder of LoRA weights from `adapt personalize`."),
+    click.option("--allow-untrained-sigma", is_flag=True,
+                 help="ffdnet: allow sigma above the 75/255 it was trained for."),
 ]
 
 
@@ -57,7 +59,8 @@ def denoiser_choice(allow_none: bool) -> Callable:
         "--denoiser", type=click.Choice(["none", *names] if allow_none else names),
         default="none" if allow_none else "dds", show_default=True,
         help="Denoise before classifying (denoised smoothing): dds = one-shot diffusion "
-             "(Carlini et al.), if2 = DeepFloyd IF-II with timestep correction (Choi et al.).",
+             "(Carlini et al.), if2 = DeepFloyd IF-II with timestep correction (Choi et al.), "
+             "ffdnet = FFDNet Gaussian denoiser (Zhang et al.; Salman et al.).",
     )
 
 
@@ -89,4 +92,8 @@ def build_denoiser(options: dict[str, Any], sigma: float, k: float, device: str)
         built.update(k=k, prompt=options["prompt"], token=options["token"], lora=options["lora"])
     elif options["lora"] or options["prompt"] or options["token"]:
         raise click.UsageError("--lora, --prompt and --token apply to --denoiser if2 only")
+    if name == "ffdnet":
+        built["allow_untrained_sigma"] = options["allow_untrained_sigma"]
+    elif options["allow_untrained_sigma"]:
+        raise click.UsageError("--allow-untrained-sigma applies to --denoiser ffdnet only")
     return denoisers.build_denoiser(name, sigma=sigma, **built)

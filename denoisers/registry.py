@@ -166,3 +166,24 @@ def build_if2(
 def build_denoiser(name: str, *, sigma: float, **options: Any) -> torch.nn.Module:
     """Build the denoiser registered as `name` for noise level `sigma`."""
     return DENOISERS.build(name, sigma=sigma, **options)
+
+
+@DENOISERS.register(
+    "ffdnet",
+    "FFDNet colour Gaussian denoiser (Zhang et al. 2018), off the shelf as in Salman et al. "
+    "2020; trained for sigma <= 75/255",
+)
+def build_ffdnet(
+    *,
+    sigma: float,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    allow_untrained_sigma: bool = False,
+) -> torch.nn.Module:
+    from denoisers.ffdnet import FFDNetDenoiser
+
+    return FFDNetDenoiser.from_pretrained(
+        checkpoint, sigma=sigma, device=device, dtype=dtype,
+        allow_untrained_sigma=allow_untrained_sigma,
+    )
