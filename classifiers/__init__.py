@@ -1,11 +1,19 @@
 """Base classifiers and datasets, by name.
 
 Importing this package registers every builder; heavy libraries (open_clip,
-torchvision's model zoo) are imported only when their builder runs.
+torchvision's model zoo, efficientnet-lite-pytorch) are imported only when their
+builder runs.
 """
 
 # importing the modules registers their builders
-from classifiers import clip, datasets, digits, torchvision_models  # noqa: F401
+from classifiers import (  # noqa: F401
+    clip,
+    datasets,
+    digits,
+    efficientnet,
+    sample_images,
+    torchvision_models,
+)
 from classifiers.registry import (
     CLASSIFIERS,
     DATASETS,

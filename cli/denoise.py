@@ -83,6 +83,11 @@ def denoise_command(**options: Any) -> None:
             raise ValueError(f"--indices {bad} past the end of the dataset ({len(dataset)})")
         images = torch.stack([dataset[i][0] for i in options["indices"]]).to(device)
         first = build_denoiser(options, options["sigmas"][0], options["ks"][0], device)
+        # every (sigma, k) is built before any work, so a refused one costs nothing
+        built = {
+            (sigma, k): first.at(sigma, k) if options["denoiser"] == "if2" else first.at(sigma)
+            for sigma in options["sigmas"] for k in options["ks"]
+        }
     except (ValueError, KeyError, FileNotFoundError) as error:
         raise CommandError(str(error)) from error
 
@@ -97,7 +102,7 @@ def denoise_command(**options: Any) -> None:
             noisy = images + sigma * noise
             columns.append((f"noisy σ={sigma:g}", noisy))
             for k in options["ks"]:
-                denoiser = first.at(sigma, k) if options["denoiser"] == "if2" else first.at(sigma)
+                denoiser = built[sigma, k]
                 title = f"{options['denoiser']} σ={sigma:g}"
                 if options["denoiser"] == "if2":
                     title += f" k={k:g}"

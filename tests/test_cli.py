@@ -195,3 +195,10 @@ def test_nan_from_the_classifier_fails_loudly(tmp_path, monkeypatch):
 def test_help_explains_the_certificate():
     result = invoke(certify_command, "--help")
     assert "radius" in result.output and "1 - alpha" in result.output
+
+
+@pytest.mark.parametrize("flag", [["--allow-untrained-sigma"], ["--micro-batch", "8"]])
+def test_denoiser_only_options_without_a_denoiser_are_refused(tmp_path, flag):
+    result = CliRunner().invoke(certify_command, [*flag, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--denoiser" in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -97,6 +97,7 @@ def test_certify_and_denoise_condition_on_the_lora_folders_prompt(tmp_path):
         "denoiser": "if2", "dtype": "fp32", "denoiser_checkpoint": str(checkpoint),
         "dataset": "folder:x", "variant": None, "lora": str(lora), "timestep_rounding": None,
         "prompt": None, "token": None,  # what --prompt/--token give when not passed
+        "allow_untrained_sigma": False,
     }
     assert build_denoiser(options, 0.5, 1.8, "cpu").settings()["prompt"] == "a photo of a sks."
     given = {**options, "prompt": "this is a {}", "token": "dog"}
