@@ -133,7 +133,7 @@ _SYNTHESIS_OPTIONS = _options(
 )
 
 _PERSONALIZE_OPTIONS = _options(
-    click.option("--k", "k", type=float, default=1.8, callback=_positive,
+    click.option("--k", "k", type=float, default=1.8, callback=_non_negative,
                  help="Timestep correction: the low-resolution condition is noised at k*t "
                       "(Eq. 8; the paper's 1.8)."),
     click.option("--lam", type=float, default=0.01, callback=_non_negative,
@@ -397,7 +397,7 @@ def _personalize(options: dict[str, Any], device: str, references: str | Path,
 @click.option("--prompt", default=None,
               help="Denoiser prompt template [default: the one --lora records (`adapt "
                    "personalize` writes it), else the empty prompt].")
-@click.option("--k", "k", type=float, default=1.8, callback=_positive,
+@click.option("--k", "k", type=float, default=1.8, callback=_non_negative,
               help="Timestep correction factor of the denoiser (Eq. 8).")
 @_finetune_options("")
 @click.option("--template", "templates", multiple=True,
@@ -462,6 +462,10 @@ def _finetune(options: dict[str, Any], device: str, references: str | Path, out:
                    "evaluation size, as the paper's code: 96 for --dataset stl10, else 224]. "
                    "References are synthesized at the cascade's 256.")
 @_VARIANT_OPTION
+@click.option("--protocol", type=click.Choice(["none", "choi2024"]), default="none",
+              help="choi2024: train as the paper's code does for --dataset (its class names, "
+                   "its one CLIP template, the IF-II prompt of its evaluation) and print a "
+                   "`certify --protocol choi2024` command.")
 @_TRAINING_OPTIONS
 @_RUNTIME_OPTIONS
 def run_command(**options: Any) -> None:
@@ -472,6 +476,7 @@ def run_command(**options: Any) -> None:
     classifier on your data. Rerunning the same command resumes where it stopped.
     """
     classes = _class_names(options["labels"], options["dataset"])
+    templates, classes = _apply_protocol(options, classes)
     _check_prompt(options["prompt"], options["token"])
     from cli.options import resolve_device  # loads torch: not for --help
 
@@ -488,9 +493,11 @@ def run_command(**options: Any) -> None:
     resolution = options["resolution"] or _evaluation_resolution(options["dataset"])
     lora = _personalize({**options, "resolution": resolution}, device, references,
                         out / "lora")
-    # Fine-tune with the templates certify will use: the dataset's, else CLIP's default.
-    templates = None
-    if options["dataset"] is not None and _accepts_templates(options["classifier"]):
+    # Fine-tune with the templates certify will use: the protocol's, the dataset's, else
+    # CLIP's default. One template under the protocol also bounds the text side's memory.
+    if templates is None and options["dataset"] is not None and _accepts_templates(
+        options["classifier"]
+    ):
         from classifiers.datasets import dataset_templates
 
         with _clear_errors():
@@ -510,6 +517,30 @@ def run_command(**options: Any) -> None:
     click.echo(command)
     click.echo("")
     click.echo(_data_note(options["dataset"], classes))
+
+
+def _apply_protocol(
+    options: dict[str, Any], classes: list[str]
+) -> tuple[list[str] | None, list[str]]:
+    """Under --protocol choi2024: the CLIP templates and class names the paper's code uses
+    for --dataset, and its IF-II prompt (the LoRA is trained on the prompt certify will
+    condition on). Returns (templates or None, class names)."""
+    if options["protocol"] == "none":
+        return None, classes
+    from classifiers.protocols import get_protocol
+
+    if options["dataset"] is None:
+        raise click.UsageError(f"--protocol {options['protocol']} needs --dataset")
+    with _clear_errors():
+        facts = get_protocol(options["protocol"]).for_dataset(options["dataset"])
+    source = click.get_current_context().get_parameter_source("prompt")
+    if source is click.core.ParameterSource.COMMANDLINE and options["prompt"] != facts.if2_template:
+        raise click.UsageError(
+            f"--prompt {options['prompt']!r} differs from --protocol {options['protocol']}'s "
+            f"IF-II prompt {facts.if2_template!r}; drop one"
+        )
+    options["prompt"] = facts.if2_template
+    return [facts.clip_template], [facts.name_rule(name) for name in classes]
 
 
 def _evaluation_resolution(dataset: str | None) -> int:
@@ -564,6 +595,8 @@ def certify_command_line(options: dict[str, Any], *, lora: Path, weights: Path,
     if options["k"] != 1.8:
         args += ["--k", f"{options['k']:g}"]
     args += ["--sigma", f"{options['sigma']:g}"]
+    if options.get("protocol", "none") != "none":
+        args += ["--protocol", options["protocol"]]
     dataset = options["dataset"]
     if dataset is None:
         args += ["--dataset", "folder:IMAGES_DIR"]

@@ -424,3 +424,29 @@ def test_adapt_run_threads_variant_and_trains_at_the_evaluation_resolution(
     assert personalized.variant == finetuned.variant == "fp16"
     assert personalized.resolution == finetuned.resolution == resolution
     assert (personalized.batch_size, personalized.grad_accum, finetuned.grad_accum) == (6, 4, 2)
+
+
+def test_adapt_run_under_the_protocol_trains_as_the_papers_code(tmp_path, monkeypatch):
+    seen = _spy_training(monkeypatch, tmp_path)
+    result = invoke("run", "--dataset", "stl10", "--protocol", "choi2024", "--out",
+                    tmp_path / "run", "--k", "0", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    # the paper's one CLIP template for STL-10, and the IF-II prompt of its evaluation
+    assert seen["finetune"].templates == ["This is a photo of a {}"]
+    assert seen["personalize"].prompt == seen["finetune"].prompt == "This is a photo of a {}."
+    assert seen["personalize"].k == 0
+    command = (tmp_path / "run" / "certify_command.txt").read_text()
+    assert "--protocol choi2024" in command and "--k 0" in command
+
+
+def test_adapt_run_protocol_refusals(tmp_path, labels):
+    no_dataset = invoke("run", "--labels", labels("cat\ndog\n"), "--protocol", "choi2024",
+                        "--out", tmp_path / "a")
+    assert no_dataset.exit_code == 2 and "needs --dataset" in no_dataset.output
+    other_prompt = invoke("run", "--dataset", "stl10", "--protocol", "choi2024",
+                          "--prompt", "art of {}", "--out", tmp_path / "b")
+    assert other_prompt.exit_code == 2 and "differs from --protocol" in other_prompt.output
+    uncovered = invoke("run", "--dataset", "cifar10", "--protocol", "choi2024",
+                       "--out", tmp_path / "c")
+    assert uncovered.exit_code == 2 and "does not cover" in uncovered.output
+    assert not any((tmp_path / name).exists() for name in "abc")
