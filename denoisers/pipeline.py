@@ -108,6 +108,8 @@ class DenoiseAndClassify(nn.Module):
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         total = noisy.shape[0]
+        if total == 0:  # as unsplit: whatever the networks make of an empty batch
+            return self.classifier(self.denoiser(noisy, self.sigma))
         size = self.micro_batch or default_micro_batch(self.denoiser, noisy)
         logits, start = [], 0
         while start < total:
@@ -174,8 +176,9 @@ def default_micro_batch(denoiser: nn.Module, noisy: torch.Tensor) -> int:
     """The micro-batch `DenoiseAndClassify` starts with when none is given.
 
     On a CPU the whole batch (memory is the host's, and one big batch is fastest). On
-    CUDA, `micro_batch_that_fits` the device's free memory, for the element size of the
-    denoiser's weights (2 bytes for fp16/bf16, also under autocast; 4 for fp32).
+    CUDA, `micro_batch_that_fits` the device's free memory (counting what the caching
+    allocator holds unused), for the element size of the denoiser's weights (2 bytes for
+    fp16/bf16, also under autocast; 4 for fp32).
     """
     batch = int(noisy.shape[0])
     if not noisy.is_cuda:
@@ -185,6 +188,9 @@ def default_micro_batch(denoiser: nn.Module, noisy: torch.Tensor) -> int:
     if torch.is_autocast_enabled("cuda"):
         element_size = 2
     free, _ = torch.cuda.mem_get_info(noisy.device)
+    # memory PyTorch's allocator holds but does not use (earlier chunks' activations) is
+    # free for this call too; without it the default would shrink after the first call
+    free += torch.cuda.memory_reserved(noisy.device) - torch.cuda.memory_allocated(noisy.device)
     return micro_batch_that_fits(
         free, height=int(noisy.shape[-2]), width=int(noisy.shape[-1]),
         element_size=element_size, batch=batch,

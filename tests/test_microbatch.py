@@ -263,3 +263,4 @@ def test_cli_refuses_a_micro_batch_without_denoiser_or_below_one(tmp_path, args)
     assert result.exit_code == 2
     assert "--micro-batch" in result.output
     assert not list(tmp_path.iterdir())  # nothing written
+
