@@ -33,8 +33,8 @@ from adapt.errors import AdaptError
 from adapt.finetune import CLASSIFIER_WEIGHTS, FinetuneConfig, chunked_class_embeddings, finetune
 from adapt.personalize import LORA_WEIGHTS, PersonalizeConfig, personalize
 from adapt.training import Optimization
-from denoisers import CheckpointNotFoundError
 from denoisers.lora_info import recorded_lora_prompt, resolve_lora_prompt
+from denoisers.registry import UnreadableCheckpointError
 from tests.tiny_classifiers import clip_options, save_tiny_clip, snapshot, write_reference_set
 from tests.tiny_models import one_thread, save_tiny_if2, save_tiny_if2_lora, tiny_if2_pipeline
 
@@ -389,7 +389,8 @@ def test_personalize_records_what_certify_should_condition_on(personalize_config
 def test_personalize_and_finetune_load_a_checkpoint_variant(personalize_config, finetune_config,
                                                             tiny, tmp_path):
     variant_only = str(tiny["if2_variant"])
-    with pytest.raises(CheckpointNotFoundError):  # only *.fp16.safetensors files there
+    # only *.fp16.safetensors files there: named as such, not as missing
+    with pytest.raises(UnreadableCheckpointError, match="--variant fp16"):
         personalize(personalize_config(checkpoint=variant_only, steps=1, lam=0.0,
                                        out=str(tmp_path / "no_variant")), progress=False)
     out = personalize(personalize_config(checkpoint=variant_only, variant="fp16", steps=1,

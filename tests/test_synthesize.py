@@ -23,6 +23,7 @@ from adapt.errors import AdaptError
 from adapt.references import ReferenceSetError, load_reference_set
 from adapt.synthesize import synthesize
 from denoisers import CheckpointNotFoundError
+from denoisers.registry import UnreadableCheckpointError
 from tests.tiny_models import go_offline, one_thread, save_tiny_if1, save_tiny_if2
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -365,7 +366,7 @@ def test_checkpoint_variants_load_with_variant(models, reference, tmp_path):
         pipeline = pipeline_class.from_pretrained(models[stage])
         variants[stage] = str(tmp_path / f"{stage}_fp16")
         pipeline.save_pretrained(variants[stage], safe_serialization=True, variant="fp16")
-    with pytest.raises(CheckpointNotFoundError):
+    with pytest.raises(UnreadableCheckpointError, match="--variant fp16"):
         synthesize(CLASSES[:1], tmp_path / "plain", **variants, **FAST)
     out = synthesize(CLASSES[:1], tmp_path / "fp16", variant="fp16", **variants, **FAST)
     manifest = json.loads((out / "manifest.json").read_text())
