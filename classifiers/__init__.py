@@ -5,7 +5,7 @@ torchvision's model zoo) are imported only when their builder runs.
 """
 
 # importing the modules registers their builders
-from classifiers import clip, datasets, digits, torchvision_models  # noqa: F401
+from classifiers import clip, cohen, datasets, digits, torchvision_models  # noqa: F401
 from classifiers.registry import (
     CLASSIFIERS,
     DATASETS,

@@ -225,7 +225,11 @@ def _build_model(
             name, class_names=class_names, sigma=options["sigma"],
             **_classifier_options(options, dataset, device),
         )
-        return model.to(device).eval(), None
+        source = None
+        if name.startswith("cohen:"):  # the checkpoint is the whole model: record which one
+            source = {"checkpoint": name.removeprefix("cohen:"),
+                      "checkpoint_sha256": _file_digest(name.removeprefix("cohen:"))}
+        return model.to(device).eval(), source
     if options["classifier_checkpoint"] or options["templates"]:
         raise click.UsageError(
             f"--classifier-checkpoint and --template do not apply to --model {name}; "
