@@ -133,3 +133,148 @@ def check_output_shape(
             f"--model {reference}: the model returned {shape} for one image; expected logits "
             f"of shape [1, {num_classes}] (one column per class of the dataset)"
         )
+
+
+# -- library models by name: open_clip:ARCH/TAG and torchvision:NAME/WEIGHTS ----------------
+
+
+def _split_name_and_tag(spec: str, prefix: str) -> tuple[str, str | None]:
+    name, _, tag = spec.partition("/")
+    if not name:
+        raise ValueError(f"--model {prefix}:{spec}: expected {prefix}:NAME or {prefix}:NAME/TAG")
+    return name, tag or None
+
+
+def build_open_clip(
+    spec: str,
+    *,
+    class_names: Sequence[str],
+    sigma: float | None = None,
+    templates: Sequence[str] | None = None,
+    pretrained: str | None = None,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+) -> torch.nn.Module:
+    """Any open_clip architecture as a zero-shot classifier: `open_clip:ViT-B-16/laion2b_s34b_b88k`.
+
+    Args:
+        spec: `ARCH/TAG` (an open_clip pretrained tag of ARCH), or `ARCH` with
+            `pretrained` a local open_clip checkpoint file (--classifier-checkpoint).
+        class_names, templates, weights, device, cache_dir: as for `build_clip`.
+        sigma: unused.
+    """
+    del sigma
+    import open_clip
+
+    from .clip import CLIPZeroShotClassifier, _create_open_clip
+    from .weights_io import load_classifier_weights
+
+    arch, tag = _split_name_and_tag(spec, "open_clip")
+    if arch not in open_clip.list_models():
+        raise ValueError(f"--model open_clip:{spec}: open_clip has no architecture {arch!r}")
+    if tag is not None and pretrained is not None:
+        raise ValueError(f"--model open_clip:{spec} names its weights already; "
+                         "drop --classifier-checkpoint, or the /TAG")
+    source = tag if tag is not None else pretrained
+    if source is None:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise ValueError(
+            f"--model open_clip:{arch} needs weights: open_clip:{arch}/TAG "
+            f"(tags: {', '.join(tags) or 'none'}) or --classifier-checkpoint FILE"
+        )
+    if templates is None:
+        from .datasets import default_templates
+
+        templates = default_templates()
+    # OpenAI's weights were trained with QuickGELU, which open_clip's plain configs lack;
+    # the other tags of a plain config (laion, datacomp, ...) were trained with GELU.
+    quick_gelu = tag == "openai"
+    model = _create_open_clip(f"open_clip:{arch}", arch, source, quick_gelu=quick_gelu,
+                              device=device)
+    if weights is not None:
+        load_classifier_weights(model, weights)
+    model.eval()
+    return CLIPZeroShotClassifier(
+        model, open_clip.get_tokenizer(arch), class_names, templates, arch=arch,
+        cache_dir=cache_dir,
+    ).to(device)
+
+
+def build_torchvision_by_name(
+    spec: str,
+    *,
+    class_names: Sequence[str],
+    sigma: float | None = None,
+    pretrained: str | None = None,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Any torchvision classification model: `torchvision:NAME` or `torchvision:NAME/WEIGHTS`.
+
+    WEIGHTS is a member of the model's weights enum (default IMAGENET1K_V1 where it
+    exists, else DEFAULT); `pretrained` (--classifier-checkpoint) may instead be a local
+    file of the same ImageNet network, and `weights` (--classifier-weights) fine-tuned
+    weights with `len(class_names)` outputs. Inputs are normalized with the mean/std of
+    the weights' own evaluation transforms and not resized.
+    """
+    del sigma
+    import torchvision.models
+
+    from .torchvision_models import (
+        DEFAULT_WEIGHTS,
+        IMAGENET_CLASSES,
+        ClassCountError,
+        NormalizedClassifier,
+        _load_pretrained,
+    )
+    from .weights_io import load_classifier_weights
+
+    name, tag = _split_name_and_tag(spec, "torchvision")
+    known = torchvision.models.list_models(module=torchvision.models)  # classification only
+    if name not in known:
+        raise ValueError(
+            f"--model torchvision:{spec}: {name!r} is not a torchvision classification model; "
+            f"known: {', '.join(known)}"
+        )
+    if tag is not None and pretrained is not None:
+        raise ValueError(f"--model torchvision:{spec} names its weights already; "
+                         "drop --classifier-checkpoint, or the /WEIGHTS")
+    weights_enum = torchvision.models.get_model_weights(name)
+    members = weights_enum.__members__
+    chosen = tag or pretrained or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS in members else "DEFAULT")
+    if tag is not None and tag not in members:
+        raise ValueError(
+            f"--model torchvision:{spec}: {name} has no weights {tag!r}; known: "
+            f"{', '.join(members)}"
+        )
+    constructor = torchvision.models.get_model_builder(name)
+    num_classes = len(class_names)
+    if weights is not None:
+        network = constructor(weights=None, num_classes=num_classes)
+        load_classifier_weights(network, weights)
+    else:
+        if num_classes != IMAGENET_CLASSES:
+            raise ClassCountError(
+                f"torchvision:{name} with ImageNet weights predicts {IMAGENET_CLASSES} classes, "
+                f"but the task has {num_classes}; pass fine-tuned --classifier-weights"
+            )
+        network = constructor(weights=None, num_classes=IMAGENET_CLASSES)
+        _load_pretrained(f"torchvision:{name}", network, weights_enum, chosen)
+    member = weights_enum[chosen] if chosen in members else weights_enum["DEFAULT"]
+    preset = member.transforms()
+    return NormalizedClassifier(network, preset.mean, preset.std).to(device).eval()
+
+
+def _register() -> None:
+    from .registry import CLASSIFIERS
+
+    CLASSIFIERS.register(
+        "open_clip:", "any open_clip model zero-shot, ARCH/TAG (e.g. ViT-B-16/laion2b_s34b_b88k)"
+    )(build_open_clip)
+    CLASSIFIERS.register(
+        "torchvision:", "any torchvision classifier, NAME or NAME/WEIGHTS (e.g. resnet50)"
+    )(build_torchvision_by_name)
+
+
+_register()

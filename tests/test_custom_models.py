@@ -170,3 +170,61 @@ def test_cohen_spellings_of_n_and_n0_are_aliases(tmp_path):
     assert result.exit_code == 0, result.output
     settings = json.loads(out.with_suffix(".json").read_text())["settings"]
     assert (settings["n"], settings["n0"]) == (200, 20)
+
+
+# -- open_clip:ARCH/TAG and torchvision:NAME/WEIGHTS ---------------------------------------
+
+
+def test_open_clip_by_architecture_with_a_local_checkpoint(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    from classifiers import build_classifier
+    from classifiers.weights_io import save_classifier_weights
+    from tests.test_clip import CLASSES, TEMPLATES, hand_logits
+    from tests.tiny_classifiers import register_tiny_clip
+
+    arch = register_tiny_clip(tmp_path)
+    torch.manual_seed(0)
+    # a plain (GELU) config: what every non-OpenAI tag of such an architecture was trained with
+    reference = open_clip.create_model(arch, pretrained=None).eval()
+    checkpoint = save_classifier_weights(reference, tmp_path / "tiny.safetensors")
+    classifier = build_classifier(f"open_clip:{arch}", class_names=CLASSES, templates=TEMPLATES,
+                                  pretrained=str(checkpoint), cache_dir=str(tmp_path / "cache"))
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(images), hand_logits(reference, images),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ("open_clip:No-Such-Arch/openai", "open_clip has no architecture 'No-Such-Arch'"),
+    ("open_clip:ViT-B-16", "tags: openai"),
+    ("open_clip:ViT-B-16/not_a_tag", "neither an open_clip pretrained tag"),
+    ("torchvision:fasterrcnn_resnet50_fpn", "not a torchvision classification model"),
+    ("torchvision:resnet18/IMAGENET1K_V9", "has no weights 'IMAGENET1K_V9'"),
+    ("torchvision:resnet18", "predicts 1000 classes, but the task has 10"),
+])
+def test_library_models_by_name_refuse_bad_names(tmp_path, model, message):
+    out = tmp_path / "out" / "run"
+    result = CliRunner().invoke(certify_command, [*FAST, "--model", model, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchvision_model_by_name_with_a_local_weights_file(tmp_path):
+    import torchvision
+
+    from classifiers import build_classifier
+
+    torch.manual_seed(0)
+    network = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    path = tmp_path / "mobilenet_v3_small.pth"
+    torch.save(network.state_dict(), path)
+    classifier = build_classifier("torchvision:mobilenet_v3_small",
+                                  class_names=[str(i) for i in range(1000)], pretrained=str(path))
+    # torchvision's ImageNet evaluation mean/std
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(images), network((images - mean) / std))
