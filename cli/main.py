@@ -105,6 +105,10 @@ def _common_options(default_n: int) -> Callable:
     return apply(options)
 
 
+# What follows a registry prefix in --list-models (PATH unless named here).
+_PREFIX_ARGUMENTS = {"open_clip:": "ARCH/TAG", "torchvision:": "NAME[/WEIGHTS]"}
+
+
 def _list_names(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -112,7 +116,7 @@ def _list_names(ctx: click.Context, param: click.Parameter, value: bool) -> None
     for title, registry in registries:
         click.echo(f"{title}:")
         for name in registry.names():
-            shown = name + "PATH" if name.endswith(":") else name
+            shown = name + _PREFIX_ARGUMENTS.get(name, "PATH") if name.endswith(":") else name
             click.echo(f"  {shown:<22} {registry.get(name).description.strip().splitlines()[0]}")
     ctx.exit(0)
 

@@ -228,3 +228,10 @@ def test_torchvision_model_by_name_with_a_local_weights_file(tmp_path):
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(classifier(images), network((images - mean) / std))
+
+
+def test_list_models_shows_the_prefix_arguments():
+    result = invoke("--list-models")
+    assert result.exit_code == 0
+    for shown in ("cohen:PATH", "open_clip:ARCH/TAG", "torchvision:NAME[/WEIGHTS]", "folder:PATH"):
+        assert shown in result.output
