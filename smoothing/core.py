@@ -38,7 +38,9 @@ class Smooth:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         # Certified in eval mode: in train mode BatchNorm would normalize each noisy batch
         # by its own statistics (and overwrite the running ones), dropout would vote too.
-        self.base_classifier = base_classifier.eval()
+        if isinstance(base_classifier, torch.nn.Module):
+            base_classifier.eval()
+        self.base_classifier = base_classifier
         self.num_classes = num_classes
         self.sigma = float(sigma)
         self.autocast_dtype = autocast_dtype

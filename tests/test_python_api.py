@@ -95,3 +95,16 @@ def test_logits_without_num_classes_columns_are_refused(columns: int) -> None:
         smooth.sample_counts(x, 10, 10, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"expected \[1, 10\]"):
         smooth.base_predict(x)
+
+
+def test_a_plain_function_is_a_base_classifier_too() -> None:
+    from smoothing import Smooth
+
+    def always_one(images: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[0.0, 1.0]]).expand(images.shape[0], 2)
+
+    smooth = Smooth(always_one, num_classes=2, sigma=0.5)
+    prediction, radius = smooth.certify(torch.rand(1, 4, 4), 10, 100, 0.001, 50,
+                                        torch.Generator().manual_seed(0))
+    assert prediction == 1
+    assert radius == pytest.approx(0.5 * NormalDist().inv_cdf(0.001 ** (1 / 100)))
