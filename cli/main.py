@@ -13,6 +13,8 @@ import torch
 
 import classifiers
 import denoisers
+from classifiers import custom
+from classifiers.weights_io import load_classifier_weights
 from cli.analyze import analyze_command
 from cli.errors import CommandError
 from cli.options import (
@@ -42,7 +44,9 @@ def _common_options(default_n: int) -> Callable:
     """Options shared by certify and predict."""
     options = [
         click.option("--model", default="digits", show_default=True,
-                     help="Base classifier name (see --list-models)."),
+                     help="Base classifier: a name (see --list-models), or your own "
+                          "path/to/file.py:factory or package.module:factory, a callable "
+                          "returning a torch.nn.Module from [B, C, H, W] in [0, 1] to logits."),
         click.option("--classifier-weights", type=click.Path(dir_okay=False),
                      help="Fine-tuned weights (safetensors) loaded into --model."),
         click.option("--classifier-checkpoint",
@@ -59,8 +63,9 @@ def _common_options(default_n: int) -> Callable:
         click.option("--sigma", type=float, default=0.25, show_default=True,
                      callback=positive("sigma"),
                      help="Noise level: the std of the Gaussian added in [0, 1] pixel space."),
-        click.option("--n", "n", type=int, default=default_n, show_default=True,
-                     callback=positive("n"), help="Noise samples per example."),
+        click.option("--n", "--N", "n", type=int, default=default_n, show_default=True,
+                     callback=positive("n"),
+                     help="Noise samples per example (--N as in Cohen et al.'s certify.py)."),
         click.option("--alpha", type=float, default=0.001, show_default=True, callback=_alpha,
                      help="Failure probability of the guarantee."),
         click.option("--batch", type=int, default=1000, show_default=True,
@@ -70,10 +75,15 @@ def _common_options(default_n: int) -> Callable:
         click.option("--skip", type=int, default=1, show_default=True,
                      help="Take every SKIP-th example from --start."),
         click.option("--max", "max_examples", type=int, default=None,
-                     help="Stop after this many examples."),
+                     help="Stop after this many examples (a count; Cohen et al.'s --max is "
+                          "a dataset index, see the README)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed; example i's noise depends only on (seed, i)."),
         *DEVICE_OPTIONS,
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads of torch (results do not depend on it) [default: "
+                          "torch's, one per core]; fewer helps on a machine busy with "
+                          "other work."),
         denoiser_choice(allow_none=True),
         *DENOISER_OPTIONS,
         click.option("--micro-batch", type=click.IntRange(min=1), default=None,
@@ -95,6 +105,10 @@ def _common_options(default_n: int) -> Callable:
     return apply(options)
 
 
+# What follows a registry prefix in --list-models (PATH unless named here).
+_PREFIX_ARGUMENTS = {"open_clip:": "ARCH/TAG", "torchvision:": "NAME[/WEIGHTS]"}
+
+
 def _list_names(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -102,7 +116,7 @@ def _list_names(ctx: click.Context, param: click.Parameter, value: bool) -> None
     for title, registry in registries:
         click.echo(f"{title}:")
         for name in registry.names():
-            shown = name + "PATH" if name.endswith(":") else name
+            shown = name + _PREFIX_ARGUMENTS.get(name, "PATH") if name.endswith(":") else name
             click.echo(f"  {shown:<22} {registry.get(name).description.strip().splitlines()[0]}")
     ctx.exit(0)
 
@@ -121,6 +135,8 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
             flag = "--max" if name == "max_examples" else f"--{name}"
             raise click.BadParameter(f"must be >= {minimum}", param_hint=flag)
     device = resolve_device(options["device"])
+    if options["threads"] is not None:
+        torch.set_num_threads(options["threads"])
     protocol, _ = resolve_protocol(options)
 
     try:
@@ -139,10 +155,7 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         weights = options["classifier_weights"]
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"--classifier-weights {weights}: no such file")
-        model = classifiers.build_classifier(
-            options["model"], class_names=list(dataset.classes), sigma=options["sigma"],
-            **_classifier_options(options, dataset, device),
-        ).to(device).eval()
+        model, model_source = _build_model(options, dataset, device)
         base, denoiser_settings = _with_denoiser(model, options, device)
         smooth = Smooth(base, len(dataset.classes), options["sigma"], DTYPES[options["dtype"]])
         indices = select_indices(
@@ -153,8 +166,9 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
 
     denoiser = "" if options["denoiser"] == "none" else f"_{options['denoiser']}"
     dataset_name = options["dataset"].replace(":", "_").replace("/", "_")
+    model_name = options["model"].replace(":", "_").replace("/", "_")
     stem = options["out"] or (
-        f"runs/{mode}_{options['model']}{denoiser}_{dataset_name}"
+        f"runs/{mode}_{model_name}{denoiser}_{dataset_name}"
         f"_{options['split']}_sigma{options['sigma']:g}"
     )
     stem = Path(stem)
@@ -172,6 +186,8 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         denoiser=denoiser_settings,
         protocol=None if protocol is None else protocol.record(options["dataset"], len(dataset)),
     )
+    if model_source is not None:  # only then: runs made before this key existed still resume
+        row_settings["model_source"] = model_source
     results = ResultFile(stem, mode, row_settings, overwrite=options["overwrite"])
     settings = RunSettings(
         mode=mode, n=options["n"], n0=options.get("n0") or 0, alpha=options["alpha"],
@@ -184,7 +200,7 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
     try:
         run(smooth, dataset, indices, results, settings,
             extra_record={"selection": selection, "data_root": options["data_root"],
-                          "micro_batch": micro_batch},
+                          "micro_batch": micro_batch, "threads": torch.get_num_threads()},
             progress=not options["quiet"])
     except ResultFileError as error:
         raise CommandError(str(error)) from error
@@ -199,6 +215,38 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         )
         sys.exit(130)  # the shell's code for a run stopped by Ctrl-C
     _report(mode, results)
+
+
+def _build_model(
+    options: dict[str, Any], dataset: Any, device: str
+) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The base classifier of --model, and a record of its source for a file/module factory."""
+    name = options["model"]
+    class_names = list(dataset.classes)
+    prefixes = [entry for entry in classifiers.CLASSIFIERS.names() if entry.endswith(":")]
+    if not custom.is_factory_reference(name, prefixes):
+        model = classifiers.build_classifier(
+            name, class_names=class_names, sigma=options["sigma"],
+            **_classifier_options(options, dataset, device),
+        )
+        source = None
+        if name.startswith("cohen:"):  # the checkpoint is the whole model: record which one
+            source = {"checkpoint": name.removeprefix("cohen:"),
+                      "checkpoint_sha256": _file_digest(name.removeprefix("cohen:"))}
+        return model.to(device).eval(), source
+    if options["classifier_checkpoint"] or options["templates"]:
+        raise click.UsageError(
+            f"--classifier-checkpoint and --template do not apply to --model {name}; "
+            "its factory builds the whole model"
+        )
+    model, source = custom.build_from_factory(
+        name, class_names=class_names, sigma=options["sigma"], device=device
+    )
+    if options["classifier_weights"] is not None:
+        load_classifier_weights(model, options["classifier_weights"])
+    if len(dataset) > 0:
+        custom.check_output_shape(model, dataset[0][0].to(device), len(class_names), name)
+    return model, source
 
 
 def _classifier_options(options: dict[str, Any], dataset: Any, device: str) -> dict[str, Any]:
@@ -260,8 +308,9 @@ def _report(mode: str, results: ResultFile) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @_common_options(default_n=10_000)
-@click.option("--n0", type=int, default=100, callback=positive("n0"),
-              help="Noise samples that select the top class before it is bounded.")
+@click.option("--n0", "--N0", "n0", type=int, default=100, callback=positive("n0"),
+              help="Noise samples that select the top class before it is bounded "
+                   "(--N0 as in Cohen et al.'s certify.py).")
 def certify_command(**options: Any) -> None:
     """Certify each example: a class and an L2 radius within which the smoothed
     classifier's prediction provably cannot change, with probability >= 1 - alpha

@@ -36,6 +36,10 @@ class Smooth:
             raise ValueError(f"sigma must be > 0, got {sigma}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        # Certified in eval mode: in train mode BatchNorm would normalize each noisy batch
+        # by its own statistics (and overwrite the running ones), dropout would vote too.
+        if isinstance(base_classifier, torch.nn.Module):
+            base_classifier.eval()
         self.base_classifier = base_classifier
         self.num_classes = num_classes
         self.sigma = float(sigma)
@@ -99,11 +103,7 @@ class Smooth:
             batch.normal_(0.0, self.sigma, generator=generator).add_(x)
             with self._autocast(x.device):
                 logits = self.base_classifier(batch)
-            if logits.dim() != 2 or logits.shape[1] > self.num_classes:
-                raise ValueError(
-                    f"the base classifier returned logits of shape {tuple(logits.shape)}; "
-                    f"expected [batch, {self.num_classes}]"
-                )
+            self._check_logits(logits, size)
             counts.scatter_add_(0, logits.argmax(dim=1), ones[:size])
             finite.logical_and_(torch.isfinite(logits).all())
         if not bool(finite):
@@ -117,9 +117,19 @@ class Smooth:
         """The base classifier's prediction on x itself, without noise."""
         with self._autocast(x.device):
             logits = self.base_classifier(x.unsqueeze(0))
+        self._check_logits(logits, 1)
         if not torch.isfinite(logits).all():
             raise NonFiniteOutputError("the base classifier returned NaN or inf on a clean input")
         return int(logits.argmax(dim=1).item())
+
+    def _check_logits(self, logits: torch.Tensor, batch: int) -> None:
+        # Exactly num_classes columns: more would put votes outside the counts, fewer
+        # means the model was built for another label set (its class i is not ours).
+        if logits.dim() != 2 or tuple(logits.shape) != (batch, self.num_classes):
+            raise ValueError(
+                f"the base classifier returned logits of shape {tuple(logits.shape)}; "
+                f"expected [{batch}, {self.num_classes}] (batch, num_classes)"
+            )
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
