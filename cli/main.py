@@ -120,6 +120,8 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         if options[name] is not None and options[name] < minimum:
             flag = "--max" if name == "max_examples" else f"--{name}"
             raise click.BadParameter(f"must be >= {minimum}", param_hint=flag)
+    if options["seed"] < 0:  # numpy's SeedSequence, which derives each example's seed
+        raise click.BadParameter("must be >= 0", param_hint="--seed")
     device = resolve_device(options["device"])
     protocol, _ = resolve_protocol(options)
 
@@ -189,9 +191,9 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
     except ResultFileError as error:
         raise CommandError(str(error)) from error
     except ValueError as error:  # bad input met while running (e.g. NaN in an image)
-        raise CommandError(f"{error}; rows so far are kept in {results.tsv}") from error
+        raise CommandError(f"{error}; {_kept(results)}") from error
     except NonFiniteOutputError as error:
-        raise click.ClickException(f"{error}; rows so far are kept in {results.tsv}") from error
+        raise click.ClickException(f"{error}; {_kept(results)}") from error
     except KeyboardInterrupt:
         click.echo(
             f"\ninterrupted: {len(results.done)} rows are kept in {results.tsv}; "
@@ -236,6 +238,12 @@ def _with_denoiser(
         denoiser, classifier, options["sigma"], micro_batch=options["micro_batch"]
     )
     return base.to(device).eval(), {"name": options["denoiser"], **denoiser.settings()}
+
+
+def _kept(results: ResultFile) -> str:
+    if results.done:
+        return f"rows so far are kept in {results.tsv}"
+    return "nothing was written"  # failed before its first row: ResultFile wrote no file
 
 
 def _report(mode: str, results: ResultFile) -> None:
