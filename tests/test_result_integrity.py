@@ -3,6 +3,7 @@ read-only files and provenance (issue 10)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from classifiers.digits import weights_path
 from cli.main import certify_command
 from smoothing.analysis import load_results
 from smoothing.core import Smooth
@@ -234,3 +236,75 @@ def test_rows_from_another_torch_are_not_mixed_in(tmp_path):
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["versions"]["torch"] == metadata.version("torch")
     assert len(record["versions_history"]) == 1
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_json_records_libraries_device_commit_and_weights(tmp_path):
+    result = invoke(*FAST, "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run.json").read_text())
+    versions = record["versions"]
+    for name in ("torchvision", "diffusers", "transformers", "open_clip_torch", "peft",
+                 "scikit-learn"):
+        assert versions[name] == metadata.version(name)
+    assert record["device_name"] and record["versions_history"][0]["device_name"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert record["git"]["commit"] == head and isinstance(record["git"]["dirty"], bool)
+    shipped = weights_path(0.25)
+    assert record["weights_sha256"] == {
+        "classifier": {str(shipped): sha256(shipped)}, "denoiser": None,
+    }
+
+
+@pytest.mark.slow
+def test_the_digits_ddpm_files_are_hashed(tmp_path):
+    result = invoke(*FAST, "--max", "1", "--n", "20", "--n0", "10", "--denoiser", "dds",
+                    "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    digests = json.loads((tmp_path / "run.json").read_text())["weights_sha256"]["denoiser"]
+    folder = REPO / "denoisers" / "weights" / "digits_ddpm"
+    expected = [folder / "unet" / "config.json", folder / "scheduler" / "scheduler_config.json",
+                folder / "unet" / "diffusion_pytorch_model.safetensors"]
+    assert {Path(k).resolve(): v for k, v in digests.items()} == {
+        p.resolve(): sha256(p) for p in expected
+    }
+
+
+def test_no_commit_is_recorded_outside_a_checkout_or_without_git(monkeypatch):
+    import cli.main
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(cli.main.subprocess, "run", no_git)
+    assert cli.main._git_commit() is None
+
+
+def test_no_commit_is_recorded_for_a_copy_inside_another_repository(monkeypatch):
+    import cli.main
+
+    def other_repository(args, **kwargs):
+        return subprocess.CompletedProcess(args, 0, "/home/user/project\n" + "a" * 40 + "\n", "")
+
+    monkeypatch.setattr(cli.main.subprocess, "run", other_repository)
+    assert cli.main._git_commit() is None
+
+
+def test_no_commit_is_recorded_outside_a_checkout(monkeypatch):
+    import cli.main
+
+    def not_a_checkout(args, **kwargs):
+        return subprocess.CompletedProcess(args, 128, "", "fatal: not a git repository")
+
+    monkeypatch.setattr(cli.main.subprocess, "run", not_a_checkout)
+    assert cli.main._git_commit() is None
+
+
+def test_a_model_that_names_no_weight_files_records_null():
+    from cli.main import _weight_digests
+
+    assert _weight_digests(Linear()) is None and _weight_digests(None) is None
