@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -308,3 +309,27 @@ def test_a_model_that_names_no_weight_files_records_null():
     from cli.main import _weight_digests
 
     assert _weight_digests(Linear()) is None and _weight_digests(None) is None
+
+
+@pytest.mark.slow
+def test_two_certify_processes_on_one_out(tmp_path):
+    # the case: the same command twice, or shards --start 0/1 --skip 2 on one --out
+    stem = tmp_path / "run"
+    command = [sys.executable, "-c", "from cli.main import certify_command; certify_command()",
+               "--n0", "10", "--batch", "100", "--max", "1", "--quiet", "--out", str(stem)]
+    first = subprocess.Popen([*command, "--n", "1000000", "--start", "0", "--skip", "2"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lock = tmp_path / "run.lock"
+        for _ in range(600):
+            if lock.exists() and lock.read_text().strip():
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.1)
+        second = subprocess.run([*command, "--n", "1000000", "--start", "1", "--skip", "2"],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"pid {first.pid}" in second.stderr and "another process" in second.stderr
+    finally:
+        first.kill()
+        first.wait(timeout=30)
