@@ -4,7 +4,8 @@ A run writes `NAME.tsv` (Cohen et al.'s columns, one row per example, flushed
 as soon as it is known) and `NAME.json` (settings, versions, seed, times).
 The result of example i depends only on (seed, i, settings, batch size): its
 noise comes from a generator seeded by `example_seed(seed, i)`, so a run can be
-interrupted, resumed or split over processes without changing any row.
+interrupted, resumed or split over processes (one NAME each: a writer holds
+`NAME.lock` and a second one is refused) without changing any row.
 """
 
 from __future__ import annotations
