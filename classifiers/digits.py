@@ -153,6 +153,7 @@ def load_digits_cnn(path: str | Path) -> DigitsCNN:
         )
     model = DigitsCNN()
     model.load_state_dict(load_file(str(path), device="cpu"))
+    model.weight_files = [path]  # read by the CLI to record the weights' sha256
     return model.eval()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import platform
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +32,14 @@ from cli.options import (
 )
 from cli.protocol_options import PROTOCOL_OPTIONS, given, refuse_conflicts, resolve_protocol
 from smoothing.core import NonFiniteOutputError, Smooth
-from smoothing.runner import ResultFile, ResultFileError, RunSettings, run, select_indices
+from smoothing.runner import (
+    ENGINE_PACKAGES,
+    ResultFile,
+    ResultFileError,
+    RunSettings,
+    run,
+    select_indices,
+)
 
 __all__ = ["analyze_command", "certify_command", "predict_command"]
 
@@ -127,6 +136,56 @@ def _file_digest(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+# Every library that decides a number of a result: the engine's, the models' and the data's
+# (scikit-learn ships the digits and draws their split).
+RECORDED_PACKAGES = (
+    *ENGINE_PACKAGES, "torchvision", "diffusers", "transformers", "open_clip_torch", "peft",
+    "scikit-learn", "safetensors",
+)
+
+
+def _weight_digests(module: torch.nn.Module | None) -> dict[str, str] | None:
+    """sha256 of each file a model says it was loaded from (`weight_files`); None if unknown."""
+    files = getattr(module, "weight_files", None)
+    if not files:
+        return None
+    return {str(path): _file_digest(str(path)) for path in files}
+
+
+def _git_commit() -> dict[str, Any] | None:
+    """The commit of the checkout this code runs from, and whether it has local changes."""
+    folder = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=folder, capture_output=True,
+            text=True, timeout=10,
+        )
+        lines = commit.stdout.split()
+        # Not a checkout, or an installed copy inside someone else's repository (a venv
+        # in a project folder): that repository's commit says nothing about this code.
+        if commit.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != folder:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None  # no git on this machine
+    return {"commit": lines[1], "dirty": bool(status.stdout.strip())}
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    # platform.processor() is empty on most Linux systems; the kernel names the CPU there
+    cpuinfo = Path("/proc/cpuinfo")
+    if not platform.processor() and cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
 def _execute(mode: str, options: dict[str, Any]) -> None:
     """Build data, model and smoothed classifier from the options, then run."""
     for name in ("start", "skip", "max_examples"):
@@ -134,6 +193,8 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         if options[name] is not None and options[name] < minimum:
             flag = "--max" if name == "max_examples" else f"--{name}"
             raise click.BadParameter(f"must be >= {minimum}", param_hint=flag)
+    if options["seed"] < 0:  # numpy's SeedSequence, which derives each example's seed
+        raise click.BadParameter("must be >= 0", param_hint="--seed")
     device = resolve_device(options["device"])
     if options["threads"] is not None:
         torch.set_num_threads(options["threads"])
@@ -188,7 +249,10 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
     )
     if model_source is not None:  # only then: runs made before this key existed still resume
         row_settings["model_source"] = model_source
-    results = ResultFile(stem, mode, row_settings, overwrite=options["overwrite"])
+    results = ResultFile(
+        stem, mode, row_settings, overwrite=options["overwrite"], packages=RECORDED_PACKAGES,
+        environment={"device_name": _device_name(device), "git": _git_commit()},
+    )
     settings = RunSettings(
         mode=mode, n=options["n"], n0=options.get("n0") or 0, alpha=options["alpha"],
         batch_size=options["batch"], seed=options["seed"], device=device,
@@ -200,14 +264,18 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
     try:
         run(smooth, dataset, indices, results, settings,
             extra_record={"selection": selection, "data_root": options["data_root"],
-                          "micro_batch": micro_batch, "threads": torch.get_num_threads()},
+                          "micro_batch": micro_batch, "threads": torch.get_num_threads(),
+                          "weights_sha256": {
+                              "classifier": _weight_digests(model),
+                              "denoiser": _weight_digests(getattr(base, "denoiser", None)),
+                          }},
             progress=not options["quiet"])
     except ResultFileError as error:
         raise CommandError(str(error)) from error
     except ValueError as error:  # bad input met while running (e.g. NaN in an image)
-        raise CommandError(f"{error}; rows so far are kept in {results.tsv}") from error
+        raise CommandError(f"{error}; {_kept(results)}") from error
     except NonFiniteOutputError as error:
-        raise click.ClickException(f"{error}; rows so far are kept in {results.tsv}") from error
+        raise click.ClickException(f"{error}; {_kept(results)}") from error
     except KeyboardInterrupt:
         click.echo(
             f"\ninterrupted: {len(results.done)} rows are kept in {results.tsv}; "
@@ -286,6 +354,12 @@ def _with_denoiser(
         denoiser, classifier, options["sigma"], micro_batch=options["micro_batch"]
     )
     return base.to(device).eval(), {"name": options["denoiser"], **denoiser.settings()}
+
+
+def _kept(results: ResultFile) -> str:
+    if results.done:
+        return f"rows so far are kept in {results.tsv}"
+    return "nothing was written"  # failed before its first row: ResultFile wrote no file
 
 
 def _report(mode: str, results: ResultFile) -> None:

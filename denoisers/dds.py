@@ -92,6 +92,9 @@ class DDSDenoiser(Denoiser):
         self.channels = channels
         self.learned_variance = out_channels == 2 * channels
         self.sample_size = _as_size(unet.config.sample_size)
+        # The files the network was read from, for provenance hashes; None when unknown
+        # (built in memory, or a hub id resolved by diffusers' cache).
+        self.weight_files: list[Path] | None = None
         if self.resize and self.sample_size is None:
             raise ValueError("resize=True needs a UNet config with a sample_size")
         # Each down block but the last halves the resolution.
@@ -128,16 +131,19 @@ class DDSDenoiser(Denoiser):
         unet, scheduler = load_checkpoint(
             load, checkpoint, what="diffusion model", variant=variant
         )
+        folder = Path(checkpoint).expanduser()
+        weight_files = _local_files(folder, variant) if folder.is_dir() else None
         if unet.dtype != torch_dtype:
             raise RuntimeError(f"asked diffusers for a {torch_dtype} UNet, got {unet.dtype}")
         denoiser = cls(
             unet, scheduler, sigma, resize=resize, checkpoint=str(checkpoint), variant=variant
         )
+        denoiser.weight_files = weight_files
         return denoiser.to(device)
 
     def at(self, sigma: float) -> DDSDenoiser:
         """The same network for another noise level."""
-        return DDSDenoiser(
+        denoiser = DDSDenoiser(
             self.unet,
             self.scheduler,
             sigma,
@@ -145,6 +151,8 @@ class DDSDenoiser(Denoiser):
             checkpoint=self.checkpoint,
             variant=self.variant,
         )
+        denoiser.weight_files = self.weight_files
+        return denoiser
 
     def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
         if noisy.shape[1] != self.channels:
@@ -196,6 +204,19 @@ class DDSDenoiser(Denoiser):
             "sample_size": list(self.sample_size) if self.sample_size else None,
             "dtype": dtype_name(self.unet.dtype),
         }
+
+
+def _local_files(folder: Path, variant: str | None) -> list[Path]:
+    """The configs and the (possibly sharded) UNet weights a local checkpoint is read from."""
+    unet_config = folder / locate(str(folder), UNET_CONFIGS)
+    files = [unet_config, folder / locate(str(folder), SCHEDULER_CONFIGS)]
+    prefix, suffix = "diffusion_pytorch_model", ".safetensors"
+    marker = f".{variant}" if variant else ""
+    for path in sorted(unet_config.parent.glob(f"{prefix}*{suffix}")):
+        rest = path.name[len(prefix) : -len(suffix)]
+        if rest == marker or rest.startswith(marker + "-"):
+            files.append(path)
+    return files
 
 
 def _folder(config_path: str) -> str | None:

@@ -72,8 +72,9 @@ def load_results(path: str | Path) -> Results:
     """Read one CERTIFY result file (TSV with a header row).
 
     Raises ValueError, naming the file (and the line where it applies), when the file is
-    missing or empty, lacks a required column, or holds a value that is not a number of the
-    expected kind (``correct`` must be 0 or 1, ``radius`` finite and >= 0).
+    missing or empty, lacks a required column, holds a value that is not a number of the
+    expected kind (``correct`` must be 0 or 1, ``radius`` finite and >= 0), or repeats an
+    ``idx`` (the example would count twice).
     """
     path = Path(path)
     if not path.is_file():
@@ -101,6 +102,7 @@ def load_results(path: str | Path) -> Results:
             )
         position = {name: names.index(name) for name in REQUIRED_COLUMNS}
         values: dict[str, list] = {name: [] for name in REQUIRED_COLUMNS}
+        line_of_idx: dict[int, int] = {}  # a repeated example would be counted twice
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue  # a trailing blank line is not a result
@@ -127,6 +129,13 @@ def load_results(path: str | Path) -> Results:
                         f"{path}, line {line}: column 'radius' must be a finite number >= 0, "
                         f"got {text!r}"
                     )
+                if name == "idx":
+                    if value in line_of_idx:
+                        raise ValueError(
+                            f"{path}, line {line}: idx {value} already appears on line "
+                            f"{line_of_idx[value]}; each example must be counted once"
+                        )
+                    line_of_idx[value] = line
                 values[name].append(value)
     if not values["radius"]:
         raise ValueError(f"{path}: empty file (a header but no result rows)")

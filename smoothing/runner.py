@@ -4,7 +4,8 @@ A run writes `NAME.tsv` (Cohen et al.'s columns, one row per example, flushed
 as soon as it is known) and `NAME.json` (settings, versions, seed, times).
 The result of example i depends only on (seed, i, settings, batch size): its
 noise comes from a generator seeded by `example_seed(seed, i)`, so a run can be
-interrupted, resumed or split over processes without changing any row.
+interrupted, resumed or split over processes (one NAME each: a writer holds
+`NAME.lock` and a second one is refused) without changing any row.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import platform
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from smoothing.core import Smooth
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; results are not locked there
+    fcntl = None
 
 Mode = Literal["certify", "predict"]
 
@@ -47,7 +54,11 @@ class ResultFileError(ValueError):
 
 
 def example_seed(seed: int, index: int) -> int:
-    """The one seeding rule: a 64-bit seed for example `index` of a run seeded with `seed`."""
+    """The one seeding rule: a 64-bit seed for example `index` of a run seeded with `seed`.
+
+    Both must be integers >= 0 (numpy's SeedSequence takes non-negative entropy only)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
     state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 32 | int(state[1])
 
@@ -75,9 +86,13 @@ def select_indices(
     return indices if max_examples is None else indices[:max_examples]
 
 
-def package_versions() -> dict[str, str]:
+# The libraries of the engine; callers that load models add theirs (see ResultFile.packages).
+ENGINE_PACKAGES: tuple[str, ...] = ("robustify", "torch", "numpy", "scipy", "statsmodels")
+
+
+def package_versions(names: Sequence[str] = ENGINE_PACKAGES) -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for name in ("robustify", "torch", "numpy", "scipy", "statsmodels"):
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -94,18 +109,76 @@ def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings, sort_keys=True))
 
 
+class ResultLock:
+    """An exclusive lock on one result, held from `ResultFile.open` to `close`.
+
+    flock on `NAME.lock`: the kernel releases it when the holder exits, killed or not, so a
+    crashed run never blocks the next one. The lock file names its holder (pid, host, start
+    time) for the refusal message and is removed on release. flock is POSIX only; where
+    `fcntl` is missing (Windows) results are not locked.
+    """
+
+    def __init__(self, path: Path, what: Path):
+        self.path, self.what = path, what
+        self._handle: Any = None
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        while True:
+            handle = self.path.open("a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise ResultFileError(
+                    f"{self.what} is being written by another process "
+                    f"({holder}); nothing was changed. Wait for it, or use another --out "
+                    "(parallel shards need one --out each)."
+                ) from None
+            # The holder we raced with may have removed the file after we opened it: a lock
+            # on a removed file protects nothing, so try again on the current one.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {_now()}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is None:
+            return
+        # Removed while still held, so no other process can lock the file being removed.
+        self.path.unlink(missing_ok=True)
+        self._handle.close()
+        self._handle = None
+
+
 @dataclass
 class ResultFile:
     """A TSV of result rows plus its JSON sidecar, opened for appending.
 
     `settings` are everything that decides a row's values; a rerun with equal
     settings resumes, with other settings it refuses unless `overwrite`.
+    `packages` are the libraries whose versions the sidecar records; `environment`
+    (e.g. device name, code commit) is recorded beside them in `versions_history`.
+    Nothing is written before the first row (or a finished run with no row left to
+    compute), so a run that fails early leaves the files as they were.
     """
 
     stem: Path
     mode: Mode
     settings: dict[str, Any]
     overwrite: bool = False
+    packages: Sequence[str] = ENGINE_PACKAGES
+    environment: dict[str, Any] = field(default_factory=dict)
     done: dict[int, dict[str, str]] = field(default_factory=dict, init=False)
 
     @property
@@ -117,8 +190,12 @@ class ResultFile:
     def sidecar(self) -> Path:
         return self.stem.with_name(self.stem.name + ".json")
 
+    @property
+    def lock_file(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".lock")
+
     def open(self, extra: dict[str, Any]) -> None:
-        """Check the folder, then start fresh, resume, or refuse. Changes nothing when refusing."""
+        """Lock, check, then start fresh, resume, or refuse. Changes nothing when refusing."""
         self.settings = _canonical(self.settings)
         folder = self.stem.parent
         try:
@@ -127,38 +204,85 @@ class ResultFile:
             raise ResultFileError(f"cannot create output folder {folder}: {error}") from error
         if not os.access(folder, os.W_OK):
             raise ResultFileError(f"output folder {folder} is not writable")
+        self._lock = ResultLock(self.lock_file, self.tsv)
+        self._lock.acquire()
+        try:
+            self._prepare(extra)
+        except BaseException:
+            self._lock.release()
+            raise
 
+    def _prepare(self, extra: dict[str, Any]) -> None:
+        if self.tsv.exists():
+            # Opened for appending, which writes nothing: os.access would pass for root even
+            # where the write then fails (an immutable file, a read-only mount).
+            try:
+                self.tsv.open("ab").close()
+            except OSError as error:
+                raise ResultFileError(
+                    f"{self.tsv} is not writable ({error.strerror}); nothing was changed"
+                ) from error
+        versions = package_versions(self.packages)
         exists = self.tsv.exists() or self.sidecar.exists()
-        if exists and not self.overwrite:
-            self._check_resumable()
-            self.done = self._read_done_rows()
-            record = json.loads(self.sidecar.read_text())
-            record.setdefault("resumed", []).append(_now())
+        self._fresh = not exists or self.overwrite
+        self._truncate_to: int | None = None
+        if self._fresh:
+            record = {"started": _now(), "resumed": [], "versions_history": []}
         else:
-            record = {"started": _now(), "resumed": []}
-        record.update(
-            mode=self.mode, settings=self.settings, versions=package_versions(),
-            command=sys.argv, finished=None, **extra,
+            previous = self._check_resumable(versions)
+            self.done = self._read_done_rows()
+            record = previous
+            record.setdefault("resumed", []).append(_now())
+            record.setdefault("versions_history", [])
+            if not record["versions_history"] and "versions" in previous:
+                # a file written before the history was kept: its versions start the history
+                record["versions_history"].append(
+                    {"time": previous.get("started"), "versions": previous["versions"]}
+                )
+        record["versions_history"].append(
+            {"time": _now(), "versions": versions, **self.environment}
         )
-        if not exists or self.overwrite:
-            self.tsv.write_text("\t".join(COLUMNS[self.mode]) + "\n")
-        self._write_sidecar(record)
+        record.update(
+            mode=self.mode, settings=self.settings, versions=versions,
+            command=sys.argv, finished=None, **self.environment, **extra,
+        )
         self._record = record
+        self._handle = None
+
+    def _write_files(self) -> None:
+        """The deferred writes of `open`: header (fresh run), dropped partial row, sidecar."""
+        if self._fresh or not self.tsv.exists():
+            self.tsv.write_text("\t".join(COLUMNS[self.mode]) + "\n")
+        elif self._truncate_to is not None:
+            # the process died mid-line: drop the partial row, it is recomputed
+            with self.tsv.open("r+b") as handle:
+                handle.truncate(self._truncate_to)
+        self._write_sidecar(self._record)
         self._handle = self.tsv.open("a", encoding="utf-8")
 
     def append(self, row: dict[str, Any]) -> None:
+        if self._handle is None:
+            self._write_files()
         self._handle.write("\t".join(str(row[c]) for c in COLUMNS[self.mode]) + "\n")
         self._handle.flush()
         self.done[int(row["idx"])] = {c: str(row[c]) for c in COLUMNS[self.mode]}
 
     def close(self, finished: bool) -> None:
-        self._handle.close()
-        if finished:
-            self._record["finished"] = _now()
-        self._record["rows"] = len(self.done)
-        self._write_sidecar(self._record)
+        try:
+            if self._handle is None and not finished:
+                return  # failed before its first row: the files stay as they were
+            if self._handle is None:
+                self._write_files()  # resumed with every row already done
+            self._handle.close()
+            if finished:
+                self._record["finished"] = _now()
+            self._record["rows"] = len(self.done)
+            self._write_sidecar(self._record)
+        finally:
+            self._lock.release()
 
-    def _check_resumable(self) -> None:
+    def _check_resumable(self, versions: dict[str, str]) -> dict[str, Any]:
+        """The previous sidecar, if its results may be extended by this run."""
         if not self.sidecar.exists():
             raise ResultFileError(
                 f"{self.tsv} exists without its settings file {self.sidecar.name}; "
@@ -184,27 +308,42 @@ class ResultFile:
                 f"{self.tsv} was made with other settings ({'; '.join(changed)}); "
                 "nothing was changed. Use another --out, or --overwrite to replace it."
             )
+        # Another torch draws other noise from the same seed: its rows and ours would not be
+        # one reproducible run.
+        old_torch = previous.get("versions", {}).get("torch")
+        if old_torch is not None and old_torch != versions.get("torch"):
+            raise ResultFileError(
+                f"{self.tsv} was made with torch {old_torch}, this is torch "
+                f"{versions.get('torch')}: its noise differs; nothing was changed. "
+                "Use another --out, or --overwrite to replace it."
+            )
+        return previous
 
     def _read_done_rows(self) -> dict[int, dict[str, str]]:
         if not self.tsv.exists():
-            self.tsv.write_text("\t".join(COLUMNS[self.mode]) + "\n")
             return {}
         raw = self.tsv.read_bytes()
         complete = raw[: raw.rfind(b"\n") + 1]
         lines = complete.decode("utf-8").splitlines()
         if not lines or tuple(lines[0].split("\t")) != COLUMNS[self.mode]:
             raise ResultFileError(f"{self.tsv} does not start with the header of a {self.mode} run")
-        rows = {}
+        rows: dict[int, dict[str, str]] = {}
+        first_line: dict[int, int] = {}
         for number, line in enumerate(lines[1:], start=2):
             values = line.split("\t")
             if len(values) != len(COLUMNS[self.mode]):
                 raise ResultFileError(f"{self.tsv}, line {number}: malformed row {line!r}")
             row = dict(zip(COLUMNS[self.mode], values, strict=True))
-            rows[int(row["idx"])] = row
+            index = int(row["idx"])
+            if index in rows:
+                raise ResultFileError(
+                    f"{self.tsv}, line {number}: idx {index} already appears on line "
+                    f"{first_line[index]}; a result must hold each example once "
+                    "(nothing was changed; --overwrite replaces the file)"
+                )
+            rows[index], first_line[index] = row, number
         if len(complete) != len(raw):
-            # the process died mid-line: drop the partial row, it is recomputed
-            with self.tsv.open("r+b") as handle:
-                handle.truncate(len(complete))
+            self._truncate_to = len(complete)
         return rows
 
     def _write_sidecar(self, record: dict[str, Any]) -> None:
@@ -224,6 +363,11 @@ class RunSettings:
     seed: int = 0
     n0: int = 100
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        # refused before any file is touched, not at the first example
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
 
 def run(

@@ -450,3 +450,18 @@ def test_help_explains_the_measures() -> None:
     assert "Certified accuracy at radius r" in result.stdout
     for option in ("--radii", "--format", "--plot", "--labels"):
         assert option in result.stdout
+
+
+def test_a_repeated_idx_is_refused_not_counted_twice(tmp_path):
+    # two examples, three rows: counting the repeat would report n = 3
+    path = tmp_path / "run.tsv"
+    path.write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+        "0\t1\t1\t0.5\t1\t0.1\n"
+        "1\t0\t0\t0.3\t1\t0.1\n"
+        "0\t1\t1\t0.5\t1\t0.1\n"
+    )
+    with pytest.raises(ValueError, match=r"line 4: idx 0 already appears on line 2"):
+        analysis.load_results(path)
+    refused = CliRunner().invoke(analyze_command, [str(path)])
+    assert refused.exit_code == 2 and "idx 0" in refused.output
