@@ -1,0 +1,96 @@
+"""Inputs that must not break a run: each gets one clear message (exit 2) or is handled right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import classifiers
+from classifiers.datasets import UnreadableImageError
+from cli.main import certify_command
+
+
+def _folder(tmp_path, files: dict[str, bytes | np.ndarray]):
+    """An ImageFolder tree tmp_path/images/<class>/<name> from arrays (saved as PNG) or bytes."""
+    root = tmp_path / "images"
+    for relative, content in files.items():
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            Image.fromarray(content).save(target)
+    return root
+
+
+def test_16bit_grayscale_png_scales_by_65535(tmp_path):
+    values = np.random.default_rng(0).integers(0, 65536, (256, 256), dtype=np.uint16)
+    root = _folder(tmp_path, {"a/x.png": values})
+    assert Image.open(root / "a" / "x.png").mode.startswith("I;16")  # really a 16-bit file
+    image, label = classifiers.build_dataset(f"folder:{root}")[0]
+    assert label == 0 and image.shape == (3, 224, 224)
+    # 256x256 is already the resize target: the center crop keeps pixels 16..239 as they are.
+    expected = torch.from_numpy(values[16:240, 16:240].astype(np.float64) / 65535)
+    for channel in image:
+        assert torch.allclose(channel.double(), expected, atol=1 / 65535, rtol=0)
+    assert (image < 1).float().mean() > 0.99  # not the all-white image of a clip at 255
+
+
+def test_8bit_rgb_png_unchanged(tmp_path):
+    values = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    root = _folder(tmp_path, {"a/x.png": values})
+    image, _ = classifiers.build_dataset(f"folder:{root}")[0]
+    expected = torch.from_numpy(values[16:240, 16:240].astype(np.float32) / 255).permute(2, 0, 1)
+    assert torch.allclose(image, expected, atol=1e-6)
+
+
+CONSTANT_MODEL = '''
+import torch
+
+
+class Constant(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.num_classes = num_classes
+
+    def forward(self, images):
+        logits = torch.zeros(images.shape[0], self.num_classes)
+        logits[:, 0] = self.scale
+        return logits
+
+
+def build(num_classes):
+    return Constant(num_classes)
+'''
+
+FAST = ["--n0", "10", "--n", "20", "--batch", "20", "--quiet"]
+
+
+def _certify(*args: str):
+    return CliRunner().invoke(certify_command, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not an image"])
+def test_unreadable_image_names_the_file_and_keeps_earlier_rows(tmp_path, damage):
+    good = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(good).save(tmp_path / "good.png")
+    whole = (tmp_path / "good.png").read_bytes()
+    broken = whole[: len(whole) // 2] if damage == "truncated" else b"not an image at all"
+    root = _folder(tmp_path, {"a/0.png": good, "a/1.png": broken, "b/2.png": good})
+    model = tmp_path / "models.py"
+    model.write_text(CONSTANT_MODEL)
+    out = tmp_path / "run"
+    result = _certify(*FAST, "--model", f"{model}:build", "--dataset", f"folder:{root}",
+                      "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert f"cannot read image {root / 'a' / '1.png'}" in result.output
+    rows = (tmp_path / "run.tsv").read_text().splitlines()[1:]
+    assert [row.split("\t")[0] for row in rows] == ["0"]  # the row before it is kept
+    with pytest.raises(UnreadableImageError) as raised:
+        classifiers.build_dataset(f"folder:{root}")[1]
+    assert raised.value.path == str(root / "a" / "1.png")
