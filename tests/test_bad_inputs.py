@@ -94,3 +94,12 @@ def test_unreadable_image_names_the_file_and_keeps_earlier_rows(tmp_path, damage
     with pytest.raises(UnreadableImageError) as raised:
         classifiers.build_dataset(f"folder:{root}")[1]
     assert raised.value.path == str(root / "a" / "1.png")
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta", "hpu"])
+def test_device_torch_lacks_is_one_message(tmp_path, device):
+    result = _certify(*FAST, "--max", "1", "--device", device, "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2, result.output
+    assert f"--device {device}" in result.output
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
