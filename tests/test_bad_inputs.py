@@ -103,3 +103,32 @@ def test_device_torch_lacks_is_one_message(tmp_path, device):
     assert f"--device {device}" in result.output
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def _digits_weights_file() -> bytes:
+    from classifiers.digits import weights_path
+
+    return weights_path(0.25).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda path: path.write_bytes(_digits_weights_file()[:5000]),
+         "not a readable safetensors"),
+        (lambda path: path.write_bytes(b"plain text, not weights"), "not a readable safetensors"),
+        (lambda path: classifiers.save_classifier_weights(torch.nn.Linear(3, 2), path),
+         "does not fit DigitsCNN"),
+    ],
+    ids=["truncated", "not-safetensors", "other-architecture"],
+)
+def test_bad_classifier_weights_are_one_message_naming_the_file(tmp_path, make, problem):
+    weights = tmp_path / "w.safetensors"
+    make(weights)
+    out = tmp_path / "out" / "r"
+    result = _certify(*FAST, "--max", "1", "--classifier-weights", str(weights),
+                      "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert f"{weights}" in result.output and problem in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
