@@ -301,7 +301,10 @@ def _build_model(
         if name.startswith("cohen:"):  # the checkpoint is the whole model: record which one
             source = {"checkpoint": name.removeprefix("cohen:"),
                       "checkpoint_sha256": _file_digest(name.removeprefix("cohen:"))}
-        return model.to(device).eval(), source
+        model = model.to(device).eval()
+        if len(dataset) > 0:
+            _check_images_fit(model, dataset, options, device)
+        return model, source
     if options["classifier_checkpoint"] or options["templates"]:
         raise click.UsageError(
             f"--classifier-checkpoint and --template do not apply to --model {name}; "
@@ -313,8 +316,40 @@ def _build_model(
     if options["classifier_weights"] is not None:
         load_classifier_weights(model, options["classifier_weights"])
     if len(dataset) > 0:
+        _check_images_fit(model, dataset, options, device)
         custom.check_output_shape(model, dataset[0][0].to(device), len(class_names), name)
     return model, source
+
+
+def _check_images_fit(
+    model: torch.nn.Module, dataset: Any, options: dict[str, Any], device: str
+) -> None:
+    """Refuse, before any file is written, a dataset whose images the model cannot take.
+
+    One clean forward pass of the first image; when it fails and the model's first
+    convolution takes another number of channels (RGB images for a greyscale model, or the
+    reverse), the message says what the model expects.
+    """
+    image = dataset[0][0]
+    try:
+        with torch.inference_mode():
+            model(image.unsqueeze(0).to(device))
+        return
+    except Exception as error:  # any layer may be the one that fails
+        failure = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    shape = "x".join(str(size) for size in image.shape)
+    message = (
+        f"--model {options['model']} cannot take the images of --dataset {options['dataset']} "
+        f"(channels x height x width {shape})"
+    )
+    if conv is not None and conv.in_channels != image.shape[0]:
+        kind = {1: "greyscale (1-channel)", 3: "RGB (3-channel)"}
+        message += (
+            f": it expects {kind.get(conv.in_channels, f'{conv.in_channels}-channel')} images, "
+            f"the dataset holds {kind.get(image.shape[0], f'{image.shape[0]}-channel')} ones"
+        )
+    raise CommandError(f"{message} ({failure})")
 
 
 def _classifier_options(options: dict[str, Any], dataset: Any, device: str) -> dict[str, Any]:

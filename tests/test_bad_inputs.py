@@ -132,3 +132,37 @@ def test_bad_classifier_weights_are_one_message_naming_the_file(tmp_path, make, 
     assert f"{weights}" in result.output and problem in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+RGB_ONLY_MODEL = '''
+import torch
+
+
+def build(num_classes):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(num_classes)
+    )
+'''
+
+
+def test_rgb_folder_for_a_greyscale_model_says_what_it_expects(tmp_path):
+    rgb = np.random.default_rng(3).integers(0, 256, (30, 30, 3), dtype=np.uint8)
+    root = _folder(tmp_path, {f"{digit}/x.png": rgb for digit in range(10)})
+    out = tmp_path / "out" / "r"
+    result = _certify(*FAST, "--max", "1", "--dataset", f"folder:{root}", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "expects greyscale (1-channel) images" in result.output
+    assert "RGB (3-channel)" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_greyscale_dataset_for_an_rgb_model_says_what_it_expects(tmp_path):
+    model = tmp_path / "rgb_models.py"
+    model.write_text(RGB_ONLY_MODEL)
+    out = tmp_path / "out" / "r"
+    result = _certify(*FAST, "--max", "1", "--model", f"{model}:build", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert "expects RGB (3-channel) images" in result.output
+    assert "greyscale (1-channel) ones" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
