@@ -166,3 +166,29 @@ def test_greyscale_dataset_for_an_rgb_model_says_what_it_expects(tmp_path):
     assert "expects RGB (3-channel) images" in result.output
     assert "greyscale (1-channel) ones" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t" + b"9" * 300_000 + b"\t1\t0.1\n",
+         "unreadable as tab-separated text"),
+        (b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.1\n\xff\xfe\x00\x81\n",
+         "not UTF-8 text"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x08\x06\x00\x00\x00\xff",
+         "not UTF-8 text"),
+        (b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tx" + b"9" * 100_000 + b"\t1\t0\n",
+         "non-numeric value"),
+    ],
+    ids=["huge-field", "non-utf8-row", "binary", "long-non-number"],
+)
+def test_analyze_unreadable_file_names_it_in_one_short_message(tmp_path, content, problem):
+    from cli.analyze import analyze_command
+
+    path = tmp_path / "results.tsv"
+    path.write_bytes(content)
+    result = CliRunner().invoke(analyze_command, [str(path)], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert str(path) in result.output and problem in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output) < 600  # the megabyte field is not echoed back
