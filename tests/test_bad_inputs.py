@@ -192,3 +192,24 @@ def test_analyze_unreadable_file_names_it_in_one_short_message(tmp_path, content
     assert str(path) in result.output and problem in result.output
     assert "Traceback" not in result.output
     assert len(result.output) < 600  # the megabyte field is not echoed back
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "a-folder"])
+def test_denoise_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch, where):
+    import cli.denoise
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a denoiser was built for an --out that cannot be written")
+
+    monkeypatch.setattr(cli.denoise, "build_denoiser", no_work)
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "folder.png").mkdir()
+    # root ignores permissions: a path under a regular file is unwritable for everyone
+    out = tmp_path / ("file/sub/grid.png" if where == "under-a-file" else "folder.png")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = CliRunner().invoke(cli.denoise.denoise_command, ["--out", str(out), "--overwrite"],
+                                catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert str(out) in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "file").read_text() == "mine"
