@@ -224,6 +224,9 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         )
     except (ValueError, KeyError, FileNotFoundError) as error:
         raise CommandError(str(error)) from error
+    except KeyboardInterrupt:  # Ctrl-C while a large model loads: one line, not a traceback
+        click.echo("\ninterrupted during start-up: nothing was written", err=True)
+        sys.exit(130)
 
     denoiser = "" if options["denoiser"] == "none" else f"_{options['denoiser']}"
     dataset_name = options["dataset"].replace(":", "_").replace("/", "_")

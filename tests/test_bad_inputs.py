@@ -213,3 +213,18 @@ def test_denoise_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch
     assert str(out) in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    import cli.main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.main, "_build_model", interrupted)
+    result = CliRunner().invoke(certify_command, [*FAST, "--out", str(tmp_path / "out" / "r")],
+                                catch_exceptions=False)
+    assert result.exit_code == 130, result.output
+    assert "interrupted during start-up: nothing was written" in result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+    assert not (tmp_path / "out").exists()
