@@ -228,3 +228,35 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, monkeypatch):
     assert "interrupted during start-up: nothing was written" in result.output
     assert "Traceback" not in result.output and "Aborted" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_skip_unreadable_records_the_file_and_a_rerun_skips_it_again(tmp_path):
+    import json
+
+    good = np.random.default_rng(4).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    # the unreadable file is the first one: the start-up checks must take the next image
+    root = _folder(tmp_path, {"a/0.png": b"junk", "a/1.png": good, "b/2.png": good})
+    model = tmp_path / "models.py"
+    model.write_text(CONSTANT_MODEL)
+    out = tmp_path / "run"
+    args = [*FAST, "--model", f"{model}:build", "--dataset", f"folder:{root}",
+            "--out", str(out), "--skip-unreadable"]
+
+    def rows() -> list[str]:
+        return [r.split("\t")[0] for r in (tmp_path / "run.tsv").read_text().splitlines()[1:]]
+
+    def skipped() -> dict:
+        return json.loads((tmp_path / "run.json").read_text()).get("skipped", {})
+
+    for _ in range(2):  # the rerun resumes: it skips the file again, the same way
+        result = _certify(*args)
+        assert result.exit_code == 0, result.output
+        assert rows() == ["1", "2"]
+        assert list(skipped()) == ["0"]
+        assert skipped()["0"].startswith(f"cannot read image {root / 'a' / '0.png'}")
+    assert "skipped 1 unreadable image" in result.output
+
+    Image.fromarray(good).save(root / "a" / "0.png")  # repaired: its row comes, no longer skipped
+    result = _certify(*args)
+    assert result.exit_code == 0, result.output
+    assert sorted(rows()) == ["0", "1", "2"] and skipped() == {}
