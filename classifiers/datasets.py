@@ -198,7 +198,7 @@ def _torchvision(class_name: str, root: Path, transform: Callable, **kwargs: Any
 def _open_imagenet(root: Path, transform: Callable, folder: str) -> Any:
     from torchvision.datasets import ImageFolder
 
-    dataset = ImageFolder(str(root / "imagenet" / folder), transform=transform)
+    dataset = ImageFolder(str(root / "imagenet" / folder), transform=transform, loader=load_image)
     wnid = re.compile(r"n\d{8}")
     if len(dataset.classes) != 1000 or not all(wnid.fullmatch(c) for c in dataset.classes):
         raise ValueError(
@@ -236,7 +236,7 @@ def _open_class_folders(
                 return super().find_classes(directory)
             return list(order), {name: i for i, name in enumerate(order)}
 
-    return OrderedImageFolder(str(path), transform=transform)
+    return OrderedImageFolder(str(path), transform=transform, loader=load_image)
 
 
 def _caltech256_name(raw: str) -> str:

@@ -260,3 +260,15 @@ def test_skip_unreadable_records_the_file_and_a_rerun_skips_it_again(tmp_path):
     result = _certify(*args)
     assert result.exit_code == 0, result.output
     assert sorted(rows()) == ["0", "1", "2"] and skipped() == {}
+
+
+def test_class_folder_benchmarks_read_16bit_images_too(tmp_path):
+    from classifiers.datasets import ISIC_CODES
+
+    values = np.full((256, 256), 30000, dtype=np.uint16)
+    for code in ISIC_CODES:
+        (tmp_path / "isic2018" / code).mkdir(parents=True)
+        Image.fromarray(values).save(tmp_path / "isic2018" / code / "x.png")
+    image, _ = classifiers.build_dataset("isic", data_root=str(tmp_path))[0]
+    assert torch.allclose(image.double(), torch.full(image.shape, 30000 / 65535,
+                                                     dtype=torch.float64), atol=1 / 65535)
