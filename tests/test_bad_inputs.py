@@ -272,3 +272,29 @@ def test_class_folder_benchmarks_read_16bit_images_too(tmp_path):
     image, _ = classifiers.build_dataset("isic", data_root=str(tmp_path))[0]
     assert torch.allclose(image.double(), torch.full(image.shape, 30000 / 65535,
                                                      dtype=torch.float64), atol=1 / 65535)
+
+
+def _png_48bit(values: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG written by hand: PIL cannot write one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    height, width, _ = values.shape
+    big_endian = values.astype(">u2")
+    scanlines = b"".join(b"\x00" + big_endian[row].tobytes() for row in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(scanlines)) + chunk(b"IEND", b""))
+
+
+def test_16bit_rgb_png_keeps_its_values(tmp_path):
+    values = np.random.default_rng(5).integers(0, 65536, (256, 256, 3), dtype=np.uint16)
+    root = _folder(tmp_path, {"a/x.png": _png_48bit(values)})
+    image, _ = classifiers.build_dataset(f"folder:{root}")[0]
+    expected = torch.from_numpy(values[16:240, 16:240].astype(np.float64) / 65535)
+    # PIL keeps the high byte of each 16-bit value: within 1/255 of value / 65535
+    assert torch.allclose(image.double(), expected.permute(2, 0, 1), atol=1 / 255, rtol=0)
