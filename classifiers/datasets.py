@@ -94,11 +94,18 @@ def load_image(path: str) -> Any:
         with open(path, "rb") as handle:
             image = Image.open(handle)
             image.load()
+            if image.mode == "F":  # convert("RGB") would clip floats at 0 and 255
+                raise UnreadableImageError(
+                    path, "32-bit float pixels (PIL mode F) have no defined range; save the "
+                    "image as an 8- or 16-bit PNG"
+                )
             if image.mode not in _WIDE_INTEGER_MODES:
                 return image.convert("RGB")
             import numpy as np
 
             values = np.asarray(image).astype(np.int64)
+    except UnreadableImageError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UnreadableImageError(path, str(error) or type(error).__name__) from error
     if values.size and (values.min() < 0 or values.max() > 65535):

@@ -298,3 +298,12 @@ def test_16bit_rgb_png_keeps_its_values(tmp_path):
     expected = torch.from_numpy(values[16:240, 16:240].astype(np.float64) / 65535)
     # PIL keeps the high byte of each 16-bit value: within 1/255 of value / 65535
     assert torch.allclose(image.double(), expected.permute(2, 0, 1), atol=1 / 255, rtol=0)
+
+
+def test_float_tiff_is_refused_not_clipped(tmp_path):
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32)).save(root / "a" / "x.tif")
+    assert Image.open(root / "a" / "x.tif").mode == "F"
+    with pytest.raises(UnreadableImageError, match=r"^cannot read image \S+x\.tif: 32-bit float"):
+        classifiers.build_dataset(f"folder:{root}")[0]
