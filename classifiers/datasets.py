@@ -69,6 +69,52 @@ class DatasetNotFoundError(FileNotFoundError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (corrupt, truncated, not an image)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = path
+
+
+# PIL modes of 16-bit (and 32-bit integer) greyscale files, e.g. 16-bit PNGs.
+_WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def load_image(path: str) -> Any:
+    """Read one image file: a PIL RGB image, or for 16-bit greyscale a [1, H, W] float tensor.
+
+    torchvision's default loader calls PIL's convert("RGB"), which clips 16-bit values at
+    255 (nearly every pixel of a 16-bit file turns white); here they are scaled by 65535
+    instead. A file that cannot be decoded raises one `UnreadableImageError` naming it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            image.load()
+            if image.mode == "F":  # convert("RGB") would clip floats at 0 and 255
+                raise UnreadableImageError(
+                    path, "32-bit float pixels (PIL mode F) have no defined range; save the "
+                    "image as an 8- or 16-bit PNG"
+                )
+            if image.mode not in _WIDE_INTEGER_MODES:
+                return image.convert("RGB")
+            import numpy as np
+
+            values = np.asarray(image).astype(np.int64)
+    except UnreadableImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UnreadableImageError(path, str(error) or type(error).__name__) from error
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise UnreadableImageError(
+            path, f"integer pixel values {values.min()}..{values.max()} outside the 16-bit range"
+        )
+    return torch.from_numpy(values.astype(np.float32) / 65535.0).unsqueeze(0)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Indexable (image [C, H, W] float in [0, 1], int label) pairs with readable class names."""
 
@@ -159,7 +205,7 @@ def _torchvision(class_name: str, root: Path, transform: Callable, **kwargs: Any
 def _open_imagenet(root: Path, transform: Callable, folder: str) -> Any:
     from torchvision.datasets import ImageFolder
 
-    dataset = ImageFolder(str(root / "imagenet" / folder), transform=transform)
+    dataset = ImageFolder(str(root / "imagenet" / folder), transform=transform, loader=load_image)
     wnid = re.compile(r"n\d{8}")
     if len(dataset.classes) != 1000 or not all(wnid.fullmatch(c) for c in dataset.classes):
         raise ValueError(
@@ -197,7 +243,7 @@ def _open_class_folders(
                 return super().find_classes(directory)
             return list(order), {name: i for i, name in enumerate(order)}
 
-    return OrderedImageFolder(str(path), transform=transform)
+    return OrderedImageFolder(str(path), transform=transform, loader=load_image)
 
 
 def _caltech256_name(raw: str) -> str:
@@ -473,7 +519,7 @@ def build_folder(path: str, split: str = "test", data_root: str | os.PathLike | 
     classes = _folder_class_names(folder)
     from torchvision.datasets import ImageFolder
 
-    source = ImageFolder(str(folder), transform=image_transform("crop"))
+    source = ImageFolder(str(folder), transform=image_transform("crop"), loader=load_image)
     return ImageDataset(source, classes, name=f"folder:{path}", split=split)
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
 from classifiers.registry import CLASSIFIERS, DATASETS
+from classifiers.weights_io import load_classifier_weights
 
 NUM_CLASSES = 10
 CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(NUM_CLASSES))
@@ -152,7 +152,8 @@ def load_digits_cnn(path: str | Path) -> DigitsCNN:
             "and are rebuilt with `python -m classifiers.train_digits --sigma SIGMA --out PATH`"
         )
     model = DigitsCNN()
-    model.load_state_dict(load_file(str(path), device="cpu"))
+    # strict key/shape check with one error naming the file (another architecture's weights)
+    load_classifier_weights(model, path)
     model.weight_files = [path]  # read by the CLI to record the weights' sha256
     return model.eval()
 

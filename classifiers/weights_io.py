@@ -41,7 +41,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # SafetensorError (truncated, not safetensors), OSError
+            raise WeightsMismatchError(
+                f"{path} is not a readable safetensors file ({error}); it may be truncated "
+                "or in another format"
+            ) from error
     if suffix not in TORCH_SUFFIXES:
         raise WeightsMismatchError(
             f"{path}: unknown weights format {suffix!r}; use .safetensors "

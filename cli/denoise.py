@@ -7,6 +7,7 @@ output for each correction factor k.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def denoise_command(**options: Any) -> None:
         raise CommandError(f"{out} exists; pass --overwrite to replace it")
     if options["denoiser"] != "if2" and options["ks"] != [1.8]:
         raise click.UsageError("--k applies to --denoiser if2 only")
+    _check_writable(out)  # before the denoisers run, not after: the work would be lost
     device = resolve_device(options["device"])
     protocol, _ = resolve_protocol(options)
     try:
@@ -107,8 +109,33 @@ def denoise_command(**options: Any) -> None:
                 if options["denoiser"] == "if2":
                     title += f" k={k:g}"
                 columns.append((title, denoiser(noisy, sigma)))
-    _draw(columns, out)
+    try:
+        _draw(columns, out)
+    except OSError as error:  # e.g. the disk filled up while the denoisers ran
+        raise CommandError(f"cannot write {out}: {error}") from error
     click.echo(f"wrote {out}")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written, writing nothing that stays.
+
+    os.access alone would not do: root passes it everywhere, even on a read-only mount.
+    So a temporary file is created (and removed) in the nearest folder that exists.
+    """
+    if out.is_dir():
+        raise CommandError(f"--out {out} is a folder; give a file name such as {out / 'grid.png'}")
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CommandError(f"cannot write --out {out}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CommandError(
+            f"cannot write --out {out}: {folder} is not writable ({error})"
+        ) from None
 
 
 def _draw(columns: list[tuple[str, torch.Tensor]], out: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 import classifiers
 import denoisers
 from classifiers import custom
+from classifiers.datasets import UnreadableImageError
 from classifiers.weights_io import load_classifier_weights
 from cli.analyze import analyze_command
 from cli.errors import CommandError
@@ -107,6 +108,10 @@ def _common_options(default_n: int) -> Callable:
                      help="Result path stem: writes OUT.tsv and OUT.json "
                           "[default: runs/MODE_MODEL[_DENOISER]_DATASET_SPLIT_sigmaSIGMA]."),
         click.option("--overwrite", is_flag=True, help="Replace results made with other settings."),
+        click.option("--skip-unreadable", is_flag=True,
+                     help="Go on past an image file that cannot be decoded: it gets no row and "
+                          "is listed under `skipped` in OUT.json (a rerun skips it again) "
+                          "[default: stop there, naming the file]."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
         click.option("--list-models", is_flag=True, is_eager=True, expose_value=False,
                      callback=_list_names, help="List model and dataset names and exit."),
@@ -224,6 +229,9 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         )
     except (ValueError, KeyError, FileNotFoundError) as error:
         raise CommandError(str(error)) from error
+    except KeyboardInterrupt:  # Ctrl-C while a large model loads: one line, not a traceback
+        click.echo("\ninterrupted during start-up: nothing was written", err=True)
+        sys.exit(130)
 
     denoiser = "" if options["denoiser"] == "none" else f"_{options['denoiser']}"
     dataset_name = options["dataset"].replace(":", "_").replace("/", "_")
@@ -269,7 +277,8 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
                               "classifier": _weight_digests(model),
                               "denoiser": _weight_digests(getattr(base, "denoiser", None)),
                           }},
-            progress=not options["quiet"])
+            progress=not options["quiet"],
+            skip_errors=(UnreadableImageError,) if options["skip_unreadable"] else ())
     except ResultFileError as error:
         raise CommandError(str(error)) from error
     except ValueError as error:  # bad input met while running (e.g. NaN in an image)
@@ -301,7 +310,11 @@ def _build_model(
         if name.startswith("cohen:"):  # the checkpoint is the whole model: record which one
             source = {"checkpoint": name.removeprefix("cohen:"),
                       "checkpoint_sha256": _file_digest(name.removeprefix("cohen:"))}
-        return model.to(device).eval(), source
+        model = model.to(device).eval()
+        image = _first_image(dataset, options)
+        if image is not None:
+            _check_images_fit(model, image, options, device)
+        return model, source
     if options["classifier_checkpoint"] or options["templates"]:
         raise click.UsageError(
             f"--classifier-checkpoint and --template do not apply to --model {name}; "
@@ -312,9 +325,53 @@ def _build_model(
     )
     if options["classifier_weights"] is not None:
         load_classifier_weights(model, options["classifier_weights"])
-    if len(dataset) > 0:
-        custom.check_output_shape(model, dataset[0][0].to(device), len(class_names), name)
+    image = _first_image(dataset, options)
+    if image is not None:
+        _check_images_fit(model, image, options, device)
+        custom.check_output_shape(model, image.to(device), len(class_names), name)
     return model, source
+
+
+def _first_image(dataset: Any, options: dict[str, Any]) -> torch.Tensor | None:
+    """The first image of the dataset for the start-up checks (the first readable one
+    with --skip-unreadable); None for an empty dataset."""
+    for index in range(len(dataset)):
+        try:
+            return dataset[index][0]
+        except UnreadableImageError:
+            if not options["skip_unreadable"]:
+                raise
+    return None
+
+
+def _check_images_fit(
+    model: torch.nn.Module, image: torch.Tensor, options: dict[str, Any], device: str
+) -> None:
+    """Refuse, before any file is written, a dataset whose images the model cannot take.
+
+    One clean forward pass of the first image; when it fails and the model's first
+    convolution takes another number of channels (RGB images for a greyscale model, or the
+    reverse), the message says what the model expects.
+    """
+    try:
+        with torch.inference_mode():
+            model(image.unsqueeze(0).to(device))
+        return
+    except Exception as error:  # any layer may be the one that fails
+        failure = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    shape = "x".join(str(size) for size in image.shape)
+    message = (
+        f"--model {options['model']} cannot take the images of --dataset {options['dataset']} "
+        f"(channels x height x width {shape})"
+    )
+    if conv is not None and conv.in_channels != image.shape[0]:
+        kind = {1: "greyscale (1-channel)", 3: "RGB (3-channel)"}
+        message += (
+            f": it expects {kind.get(conv.in_channels, f'{conv.in_channels}-channel')} images, "
+            f"the dataset holds {kind.get(image.shape[0], f'{image.shape[0]}-channel')} ones"
+        )
+    raise CommandError(f"{message} ({failure})")
 
 
 def _classifier_options(options: dict[str, Any], dataset: Any, device: str) -> dict[str, Any]:
@@ -365,6 +422,13 @@ def _kept(results: ResultFile) -> str:
 def _report(mode: str, results: ResultFile) -> None:
     rows = list(results.done.values())
     total = len(rows)
+    skipped = results.skipped
+    if skipped:
+        click.echo(f"skipped {len(skipped)} unreadable image(s), listed under 'skipped' in "
+                   f"{results.sidecar.name}; they count in no accuracy below", err=True)
+    if total == 0:
+        click.echo(f"wrote {results.tsv} (no rows)")
+        return
     correct = sum(int(r["correct"]) for r in rows)
     abstained = sum(int(r["predict"]) == Smooth.ABSTAIN for r in rows)
     click.echo(f"wrote {results.tsv} ({total} rows) and {results.sidecar.name}")

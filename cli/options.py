@@ -105,6 +105,21 @@ def resolve_device(device: str) -> str:
         raise click.BadParameter(str(error), param_hint="--device") from error
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: CUDA is not available on this machine")
+    if device == "meta":  # holds no data: every result would be meaningless
+        raise CommandError("--device meta holds no data; use cpu or cuda")
+    # torch.device() accepts every device type torch knows of (mps, xpu, cuda:7, ...), built
+    # in or not; one tiny allocation tells whether this machine really has it.
+    try:
+        torch.empty(1, device=device)
+    except Exception as error:  # NotImplementedError, AssertionError, RuntimeError, ...
+        # torch's messages run to a page (MPS lists every backend): keep the first sentence.
+        reason = str(error).strip().split(". ")[0].splitlines()[0][:160] if str(error).strip() \
+            else type(error).__name__
+        raise CommandError(
+            f"--device {device} is not usable with this torch {torch.__version__} on this "
+            f"machine ({reason}); use cpu"
+            + (" or cuda" if torch.cuda.is_available() else "")
+        ) from error
     return device
 
 

@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,61 +83,81 @@ def load_results(path: str | Path) -> Results:
     # utf-8-sig: tolerate a byte-order mark left by spreadsheet tools.
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, delimiter="\t")
-        header = next(reader, None)
-        while header is not None and not any(cell.strip() for cell in header):
-            header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty file (expected a header row with columns "
-                             f"{' '.join(REQUIRED_COLUMNS)} time)")
-        names = [cell.strip() for cell in header]
-        missing = [name for name in REQUIRED_COLUMNS if name not in names]
-        if missing:
-            hint = ""
-            if "radius" in missing and "predict" in names and "correct" in names:
-                hint = (" - this looks like a PREDICT output; certified accuracy and ACR need "
-                        "the output of CERTIFY")
+        try:
+            return _read_rows(path, reader)
+        except UnicodeDecodeError as error:
             raise ValueError(
-                f"{path}: missing column(s) {', '.join(missing)} in header "
-                f"{' '.join(names)!r} (expected tab-separated columns "
-                f"{' '.join(REQUIRED_COLUMNS)} time){hint}"
+                f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} near line "
+                f"{reader.line_num + 1}); a result file is a tab-separated text file"
+            ) from None
+        except csv.Error as error:  # e.g. a field over csv's size limit: not a result file
+            raise ValueError(
+                f"{path}, line {reader.line_num}: unreadable as tab-separated text ({error})"
+            ) from None
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """`text` for an error message, cut short: a corrupt file may hold megabytes in one field."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+
+
+def _read_rows(path: Path, reader: Any) -> Results:
+    """The rows of an open result file (`load_results` checks them, as documented there)."""
+    header = next(reader, None)
+    while header is not None and not any(cell.strip() for cell in header):
+        header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path}: empty file (expected a header row with columns "
+                         f"{' '.join(REQUIRED_COLUMNS)} time)")
+    names = [cell.strip() for cell in header]
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    if missing:
+        hint = ""
+        if "radius" in missing and "predict" in names and "correct" in names:
+            hint = (" - this looks like a PREDICT output; certified accuracy and ACR need "
+                    "the output of CERTIFY")
+        raise ValueError(
+            f"{path}: missing column(s) {', '.join(missing)} in header "
+            f"{_shown(' '.join(names), 200)} (expected tab-separated columns "
+            f"{' '.join(REQUIRED_COLUMNS)} time){hint}"
+        )
+    position = {name: names.index(name) for name in REQUIRED_COLUMNS}
+    values: dict[str, list] = {name: [] for name in REQUIRED_COLUMNS}
+    line_of_idx: dict[int, int] = {}  # a repeated example would be counted twice
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue  # a trailing blank line is not a result
+        line = reader.line_num
+        if len(row) < len(names):
+            raise ValueError(
+                f"{path}, line {line}: {len(row)} field(s) but the header has {len(names)} "
+                "(is the file tab-separated?)"
             )
-        position = {name: names.index(name) for name in REQUIRED_COLUMNS}
-        values: dict[str, list] = {name: [] for name in REQUIRED_COLUMNS}
-        line_of_idx: dict[int, int] = {}  # a repeated example would be counted twice
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue  # a trailing blank line is not a result
-            line = reader.line_num
-            if len(row) < len(names):
+        for name in REQUIRED_COLUMNS:
+            text = row[position[name]].strip()
+            try:
+                value = _parse_integer(text) if name in _INTEGER_COLUMNS else float(text)
+            except ValueError:
                 raise ValueError(
-                    f"{path}, line {line}: {len(row)} field(s) but the header has {len(names)} "
-                    "(is the file tab-separated?)"
+                    f"{path}, line {line}: column {name!r} has non-numeric value {_shown(text)}"
+                ) from None
+            if name == "correct" and value not in (0, 1):
+                raise ValueError(
+                    f"{path}, line {line}: column 'correct' must be 0 or 1, got {_shown(text)}"
                 )
-            for name in REQUIRED_COLUMNS:
-                text = row[position[name]].strip()
-                try:
-                    value = _parse_integer(text) if name in _INTEGER_COLUMNS else float(text)
-                except ValueError:
+            if name == "radius" and not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"{path}, line {line}: column 'radius' must be a finite number >= 0, "
+                    f"got {_shown(text)}"
+                )
+            if name == "idx":
+                if value in line_of_idx:
                     raise ValueError(
-                        f"{path}, line {line}: column {name!r} has non-numeric value {text!r}"
-                    ) from None
-                if name == "correct" and value not in (0, 1):
-                    raise ValueError(
-                        f"{path}, line {line}: column 'correct' must be 0 or 1, got {text!r}"
+                        f"{path}, line {line}: idx {value} already appears on line "
+                        f"{line_of_idx[value]}; each example must be counted once"
                     )
-                if name == "radius" and not (math.isfinite(value) and value >= 0):
-                    raise ValueError(
-                        f"{path}, line {line}: column 'radius' must be a finite number >= 0, "
-                        f"got {text!r}"
-                    )
-                if name == "idx":
-                    if value in line_of_idx:
-                        raise ValueError(
-                            f"{path}, line {line}: idx {value} already appears on line "
-                            f"{line_of_idx[value]}; each example must be counted once"
-                        )
-                    line_of_idx[value] = line
-                values[name].append(value)
+                line_of_idx[value] = line
+            values[name].append(value)
     if not values["radius"]:
         raise ValueError(f"{path}: empty file (a header but no result rows)")
     return Results(

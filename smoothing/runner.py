@@ -266,6 +266,23 @@ class ResultFile:
         self._handle.write("\t".join(str(row[c]) for c in COLUMNS[self.mode]) + "\n")
         self._handle.flush()
         self.done[int(row["idx"])] = {c: str(row[c]) for c in COLUMNS[self.mode]}
+        # skipped by an earlier run, readable now: no longer skipped
+        self._record.get("skipped", {}).pop(str(row["idx"]), None)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Index (as text) -> why, of the examples skipped by this run or earlier ones."""
+        return dict(getattr(self, "_record", {}).get("skipped", {}))
+
+    def skip(self, index: int, reason: str) -> None:
+        """Record in the sidecar that example `index` was skipped (it gets no row), and why.
+
+        A rerun tries it again: skipped again, it is recorded again, the same way.
+        """
+        if self._handle is None:
+            self._write_files()
+        self._record.setdefault("skipped", {})[str(index)] = reason
+        self._write_sidecar(self._record)
 
     def close(self, finished: bool) -> None:
         try:
@@ -378,8 +395,13 @@ def run(
     settings: RunSettings,
     extra_record: dict[str, Any] | None = None,
     progress: bool = True,
+    skip_errors: tuple[type[Exception], ...] = (),
 ) -> ResultFile:
-    """Certify or predict every example in `indices` not already in `results`."""
+    """Certify or predict every example in `indices` not already in `results`.
+
+    An example whose computation raises one of `skip_errors` (e.g. an unreadable image)
+    gets no row; its index and the error are recorded in the sidecar's `skipped`.
+    """
     results.open(extra_record or {})
     todo = [i for i in indices if i not in results.done]
     wanted = set(indices)
@@ -392,7 +414,12 @@ def run(
     )
     try:
         for index in todo:
-            row = _one_example(smooth, dataset, index, settings)
+            try:
+                row = _one_example(smooth, dataset, index, settings)
+            except skip_errors as error:
+                results.skip(index, str(error))
+                bar.update(1)
+                continue
             results.append(row)
             correct += int(row["correct"])
             processed += 1
