@@ -111,15 +111,15 @@ class ThreatModel:
         Linf: uniform in the cube (Madry et al.). L2: uniform in the ball (a Gaussian
         direction, radius eps * U^(1/d)).
         """
-        kwargs = {"generator": generator, "device": x.device, "dtype": x.dtype}
+        like = {"device": x.device, "dtype": x.dtype}
         if self.norm == "linf":
-            delta = (2 * torch.rand(x.shape, **kwargs) - 1) * self.eps
+            delta = (2 * torch.rand(x.shape, generator=generator, **like) - 1) * self.eps
         else:
-            direction = torch.randn(x.shape, **kwargs)
+            direction = torch.randn(x.shape, generator=generator, **like)
             direction = direction / _per_example(direction.flatten(1).norm(dim=1), x)
             dims = x[0].numel()
-            radius = self.eps * torch.rand(x.shape[0], **kwargs) ** (1.0 / dims)
-            delta = direction * _per_example(radius, x)
+            uniform = torch.rand(x.shape[0], generator=generator, **like)
+            delta = direction * _per_example(self.eps * uniform ** (1.0 / dims), x)
         return self.project(x + delta, x)
 
     def ascent_step(
