@@ -1,0 +1,231 @@
+"""Certified accuracy at a set of radii with as few samples as the statistics allow.
+
+What papers report is "is x certified at radius r?" for a few r. Cohen et al.'s CERTIFY
+answers it with n estimation draws whatever p_A is; most examples are decided long
+before: p_A far above or far below the threshold Phi(r / sigma). Here the estimation
+draws come in stages (looks at n_1 < ... < n_L = n, doubling) and stop when every radius
+of the grid is decided. This is a group-sequential design:
+
+- at look j, radius r is *certified* when the one-sided Clopper-Pearson lower bound on
+  p_A at level alpha_j reaches p_r = Phi(r / sigma) (r = 0: exceeds 1/2, as CERTIFY);
+  alpha_1 + ... + alpha_L = alpha (half of alpha at the last look, the other half spread
+  evenly over the earlier ones), so a union bound over the looks keeps the chance of any
+  false claim at or below alpha;
+- radius r is *futile* (given up, never claimed) when the Clopper-Pearson upper bound at
+  level `futility` falls below p_r: giving up never makes a false claim, it only costs
+  power, so `futility` trades samples against certified accuracy, not validity.
+
+One alpha covers all radii at once: claims are monotone in the count (a claim at r is a
+claim at every smaller r) and futility at r gives up every larger r, so a false claim
+anywhere implies a false claim at the smallest invalid radius r*, whose probability is
+at most the chance that the count ever crosses r*'s boundary, largest at p_A = p_{r*}.
+`overclaim_probability` computes that chance exactly (dynamic programming over the
+binomial increments between looks, ignoring futility and early stops, which only remove
+claims), so validity is checked, not assumed; the same computation shows that
+re-testing at the full alpha after every stage over-claims.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import beta as beta_distribution
+from scipy.stats import binom, norm
+
+from smoothing import stats
+
+LOOKS = 12
+FUTILITY = 0.01
+
+
+@dataclass(frozen=True)
+class Design:
+    """The looks (cumulative estimation draws), each look's alpha, the futility level."""
+
+    looks: tuple[int, ...]
+    alphas: tuple[float, ...]
+    futility: float = FUTILITY
+
+    def __post_init__(self) -> None:
+        if not self.looks or list(self.looks) != sorted(set(self.looks)) or self.looks[0] < 1:
+            raise ValueError(f"looks must be increasing sample sizes >= 1, got {self.looks}")
+        if len(self.alphas) != len(self.looks) or not all(0 < a < 1 for a in self.alphas):
+            raise ValueError("need one alpha in (0, 1) per look")
+        if not 0 < self.futility < 1:
+            raise ValueError(f"futility must lie in (0, 1), got {self.futility}")
+
+    @property
+    def alpha(self) -> float:
+        return math.fsum(self.alphas)
+
+
+def design(n: int, alpha: float, looks: int = LOOKS, futility: float = FUTILITY) -> Design:
+    """Looks doubling up to n (n / 2^(L-1), ..., n / 2, n), half of alpha at the last.
+
+    The defaults (12 looks, futility 0.01) were chosen on a population of p_A fitted to
+    Cohen et al.'s ImageNet sigma = 0.5 results (docs/benchmarks.md).
+
+    Fewer looks when n is too small for L distinct ones (the first look has >= 1 draw).
+    """
+    if n < 1 or looks < 1:
+        raise ValueError(f"need n >= 1 and looks >= 1, got n={n}, looks={looks}")
+    stats._check_alpha(alpha)
+    sizes = sorted({max(1, math.ceil(n / 2**j)) for j in range(looks)})
+    if len(sizes) == 1:
+        return Design((n,), (alpha,), futility)
+    # spend the alpha in float, then trim so the float sum never exceeds alpha
+    early = alpha / 2 / (len(sizes) - 1)
+    alphas = [early] * (len(sizes) - 1) + [alpha / 2]
+    while math.fsum(alphas) > alpha:
+        alphas[-1] = math.nextafter(alphas[-1], 0.0)
+    return Design(tuple(sizes), tuple(alphas), futility)
+
+
+def thresholds(radii: Sequence[float], sigma: float) -> np.ndarray:
+    """p_r = Phi(r / sigma) for each radius: p_A must reach it for a radius r certificate."""
+    stats._check_sigma(sigma)
+    return norm.cdf(np.asarray(radii, dtype=float) / sigma)
+
+
+def check_radii(radii: Sequence[float]) -> tuple[float, ...]:
+    """The grid, increasing, non-negative, with 0 (the decision itself) always in it."""
+    values = [float(r) for r in radii]
+    if not values:
+        raise ValueError("give at least one radius")
+    if any(not math.isfinite(r) or r < 0 for r in values):
+        raise ValueError(f"radii must be finite and >= 0, got {values}")
+    if values != sorted(values) or len(set(values)) != len(values):
+        raise ValueError(f"radii must be strictly increasing, got {values}")
+    return tuple(values) if values[0] == 0.0 else (0.0, *values)
+
+
+def _claimed(lower: float, threshold: float) -> bool:
+    # r = 0 (threshold 1/2) needs lower > 1/2, exactly as CERTIFY abstains at lower <= 1/2
+    return lower > 0.5 and lower >= threshold
+
+
+def _upper_confidence_bound(n_a: int, n: int, level: float) -> float:
+    return 1.0 if n_a >= n else float(beta_distribution.ppf(1 - level, n_a + 1, n - n_a))
+
+
+@dataclass
+class Decision:
+    """Where the radii stand after a look: the largest certified one, the undecided ones."""
+
+    certified: int = -1  # index into the grid of the largest certified radius, -1: none
+    futile_from: int | None = None  # radii from this index on were given up
+
+    def open_radii(self, count: int) -> range:
+        end = count if self.futile_from is None else self.futile_from
+        return range(self.certified + 1, end)
+
+
+def decide(
+    decision: Decision, n_a: int, n: int, plan: Design, look: int, p_thresholds: np.ndarray
+) -> bool:
+    """Update `decision` with the count n_a of n at look `look`; True when all are decided."""
+    open_radii = decision.open_radii(len(p_thresholds))
+    if not open_radii:
+        return True
+    lower = stats.lower_confidence_bound(n_a, n, plan.alphas[look])
+    for index in open_radii:
+        if _claimed(lower, p_thresholds[index]):
+            decision.certified = index
+    if look == len(plan.looks) - 1:
+        return True
+    # Given up: when the upper bound falls below p_r (costs power only, at level
+    # `futility`), or when not even all remaining draws for c_A could reach a claim at
+    # the last look (costs nothing: the standard test could not claim r either).
+    upper = _upper_confidence_bound(n_a, n, plan.futility)
+    best_final = stats.lower_confidence_bound(
+        n_a + plan.looks[-1] - n, plan.looks[-1], plan.alphas[-1]
+    )
+    for index in decision.open_radii(len(p_thresholds)):
+        threshold = p_thresholds[index]
+        if upper < threshold or not _claimed(best_final, threshold):
+            decision.futile_from = index
+            break
+    return not decision.open_radii(len(p_thresholds))
+
+
+def claim_boundary(n: int, look_alpha: float, threshold: float) -> int:
+    """The smallest count k of n with a claim at `threshold` (n + 1: none), for the DP."""
+    counts = np.arange(n + 1)
+    with np.errstate(invalid="ignore"):
+        lower = np.where(
+            counts == 0, 0.0, beta_distribution.ppf(look_alpha, np.maximum(counts, 1),
+                                                    n - counts + 1)
+        )
+    claimed = (lower > 0.5) & (lower >= threshold)
+    return int(np.argmax(claimed)) if claimed.any() else n + 1
+
+
+def overclaim_probability(design: Design, threshold: float, p: float | None = None) -> float:
+    """P(the count crosses the claim boundary at `threshold` at some look) when p_A = p.
+
+    Exact, by dynamic programming: the distribution of the count over the paths that have
+    not crossed yet, advanced by the binomial increment between looks. Futility and early
+    stops are ignored: they only remove claims, so this bounds the implemented procedure.
+    p defaults to the threshold itself, the worst case among p_A < threshold (crossing is
+    monotone in p); the result must be <= design.alpha.
+    """
+    p = threshold if p is None else p
+    alive = np.ones(1)  # P(count = k, not crossed), k = 0..n_j
+    crossed = 0.0
+    previous = 0
+    for look, look_alpha in zip(design.looks, design.alphas, strict=True):
+        step = look - previous
+        alive = np.convolve(alive, binom.pmf(np.arange(step + 1), step, p))
+        boundary = claim_boundary(look, look_alpha, threshold)
+        crossed += float(alive[boundary:].sum())
+        alive[boundary:] = 0.0
+        previous = look
+    return crossed
+
+
+@dataclass(frozen=True)
+class SequentialCertificate:
+    """CERTIFY's answer on a grid: the class, the largest certified radius of the grid."""
+
+    prediction: int
+    radius: float
+    samples: int  # noisy copies drawn: n0 selection draws plus the estimation draws used
+
+
+def certify_at_radii(
+    smooth,  # smoothing.core.Smooth (not imported: core imports nothing from here either)
+    x,
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    radii: Sequence[float],
+    generator,
+    looks: int = LOOKS,
+    futility: float = FUTILITY,
+) -> SequentialCertificate:
+    """CERTIFY at the radii of a grid, drawing the n estimation samples in stages.
+
+    The class is guessed from n0 draws as in CERTIFY; then the estimation draws stop as
+    soon as every radius is certified or given up. The radius returned is the largest
+    certified radius of the grid (0.0 with ABSTAIN when not even r = 0 is), so a Cohen
+    format row reads as usual; with probability >= 1 - alpha it is a true certificate.
+    """
+    grid = check_radii(radii)
+    plan = design(n, alpha, looks, futility)
+    p_thresholds = thresholds(grid, smooth.sigma)
+    guess = int(np.argmax(smooth.sample_counts(x, n0, batch_size, generator).cpu().numpy()))
+    decision = Decision()
+    n_a = drawn = 0
+    for look, size in enumerate(plan.looks):
+        counts = smooth.sample_counts(x, size - drawn, batch_size, generator)
+        n_a += int(counts[guess].item())
+        drawn = size
+        if decide(decision, n_a, drawn, plan, look, p_thresholds):
+            break
+    if decision.certified < 0:
+        return SequentialCertificate(stats.ABSTAIN, 0.0, n0 + drawn)
+    return SequentialCertificate(guess, grid[decision.certified], n0 + drawn)

@@ -1,0 +1,138 @@
+"""Group-sequential certification at a grid of radii: validity computed exactly, then sampled."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from scipy.stats import binom, norm
+from torch import nn
+
+from smoothing import stats
+from smoothing.core import Smooth
+from smoothing.sequential import (
+    Design,
+    certify_at_radii,
+    check_radii,
+    claim_boundary,
+    design,
+    overclaim_probability,
+)
+
+
+def test_design_doubles_up_to_n_and_spends_at_most_alpha():
+    plan = design(10_000, 0.001, looks=8)
+    assert plan.looks == (79, 157, 313, 625, 1250, 2500, 5000, 10_000)
+    assert plan.alpha <= 0.001 and plan.alphas[-1] == pytest.approx(0.0005)
+    assert design(1, 0.01).looks == (1,) and design(1, 0.01).alphas == (0.01,)
+
+
+def test_claim_boundary_agrees_with_cohens_lower_bound():
+    for n, level, threshold in [(100, 0.001, 0.5), (625, 7e-5, norm.cdf(0.5)), (40, 0.05, 0.9)]:
+        k = claim_boundary(n, level, threshold)
+        if k <= n:
+            lower = stats.lower_confidence_bound(k, n, level)
+            assert lower > 0.5 and lower >= threshold
+        if k >= 1:
+            below = stats.lower_confidence_bound(k - 1, n, level)
+            assert not (below > 0.5 and below >= threshold)
+
+
+def test_one_look_overclaim_is_the_binomial_tail():
+    plan = Design((500,), (0.01,))
+    threshold = norm.cdf(0.25 / 0.5)
+    k = claim_boundary(500, 0.01, threshold)
+    assert overclaim_probability(plan, threshold) == pytest.approx(binom.sf(k - 1, 500, threshold))
+
+
+def test_dynamic_programme_equals_enumeration_of_every_sample_path():
+    plan = Design((3, 6, 10), (0.05, 0.05, 0.1))
+    threshold, p = 0.6, 0.55
+    boundaries = [
+        claim_boundary(n, a, threshold) for n, a in zip(plan.looks, plan.alphas, strict=True)
+    ]
+    total = 0.0
+    for path in itertools.product((0, 1), repeat=10):
+        if any(sum(path[:n]) >= b for n, b in zip(plan.looks, boundaries, strict=True)):
+            total += p ** sum(path) * (1 - p) ** (10 - sum(path))
+    assert overclaim_probability(plan, threshold, p) == pytest.approx(total, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [100, 1000, 10_000])
+@pytest.mark.parametrize("alpha", [0.001, 0.01])
+def test_the_implemented_boundaries_never_overclaim_beyond_alpha(n, alpha):
+    plan = design(n, alpha)
+    for sigma in (0.25, 0.5, 1.0):
+        for radius in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0):
+            assert overclaim_probability(plan, norm.cdf(radius / sigma)) <= alpha
+
+
+def test_naive_retesting_after_every_batch_overclaims():
+    # the full alpha at each of 10 looks, as one would by re-running CERTIFY's test
+    naive = Design(tuple(range(1000, 10_001, 1000)), (0.001,) * 10)
+    assert overclaim_probability(naive, norm.cdf(0.5 / 0.5)) > 0.004
+
+
+class KnownProbability(nn.Module):
+    """Votes class 0 iff the first pixel of its input is below t: P(class 0) = Phi(t / sigma)
+    for the input 0 under N(0, sigma^2) noise."""
+
+    def __init__(self, t: float):
+        super().__init__()
+        self.t = t
+
+    def forward(self, x):
+        margin = x.flatten(1)[:, :1] - self.t
+        return torch.cat([-margin, margin], dim=1)
+
+
+def run_trials(p, trials, sigma, radii, n, alpha, seed=0):
+    smooth = Smooth(KnownProbability(sigma * norm.ppf(p)), num_classes=2, sigma=sigma)
+    x = torch.zeros(1, 1, 1)
+    results = []
+    for trial in range(trials):
+        generator = torch.Generator().manual_seed(seed * 100_000 + trial)
+        results.append(certify_at_radii(smooth, x, 20, n, alpha, 1000, radii, generator))
+    return results
+
+
+def test_coverage_through_the_real_code_path():
+    sigma, radius, alpha, n, trials = 0.5, 0.5, 0.1, 1000, 1500
+    threshold = norm.cdf(radius / sigma)
+    p = threshold - 0.01  # a claim at `radius` is false
+    results = run_trials(p, trials, sigma, (0.25, radius), n, alpha)
+    false_claims = sum(r.radius >= radius for r in results)
+    bound = overclaim_probability(design(n, alpha), threshold, p)
+    assert bound <= alpha
+    # futility and early stops only remove claims: the rate is at most the exact bound
+    assert false_claims / trials <= bound + 3 * math.sqrt(bound * (1 - bound) / trials)
+    assert all(r.prediction in (0, stats.ABSTAIN) for r in results)
+
+
+def test_clear_examples_stop_early_and_borderline_ones_use_every_draw():
+    sigma, n = 0.5, 10_000
+    clear = run_trials(0.999, 20, sigma, (0.25, 0.5), n, 0.001)
+    assert all(r.radius == 0.5 and r.samples < 100 + n / 10 for r in clear)
+    # p_A = 0.7: r = 0 certified at once, r = 1 (p_r = 0.977) given up at once
+    far_below = run_trials(0.7, 20, sigma, (1.0, 1.5), n, 0.001)
+    # (a wrong guess from the 20 selection draws abstains, as fast)
+    assert all(r.prediction in (0, stats.ABSTAIN) and r.radius == 0.0 for r in far_below)
+    assert all(r.samples < 100 + n / 10 for r in far_below)
+    borderline = run_trials(norm.cdf(0.5 / sigma) + 0.005, 5, sigma, (0.25, 0.5), n, 0.001)
+    assert max(r.samples for r in borderline) == 20 + n
+
+
+def test_radii_are_checked_and_zero_is_always_in_the_grid():
+    assert check_radii([0.25, 0.5]) == (0.0, 0.25, 0.5)
+    assert check_radii([0, 1]) == (0.0, 1.0)
+    for bad in ([], [0.5, 0.25], [-0.1, 0.2], [0.5, 0.5], [float("nan")]):
+        with pytest.raises(ValueError):
+            check_radii(bad)
+
+
+def test_fewer_samples_when_p_a_is_far_from_every_threshold():
+    # p_A between the thresholds of r = 0.25 (0.69) and r = 0.5 (0.84), or near 1
+    sigma, n = 0.5, 10_000
+    for p in (0.76, 0.9999):
+        samples = [r.samples for r in run_trials(p, 5, sigma, (0.25, 0.5), n, 0.001)]
+        assert max(samples) < 0.2 * (20 + n)
