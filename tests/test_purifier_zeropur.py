@@ -73,6 +73,17 @@ def test_the_default_run_also_stays_in_its_ball(digits_clean, digits):
     assert (purified - x).abs().max() <= 0.05 + 1e-7
 
 
+def test_every_gradient_mode_has_the_same_forward(digits_clean, digits):
+    x, _ = digits
+    outputs = []
+    for gradient in ("exact", "official", "bpda"):
+        model = quick(digits_clean, gradient)
+        outputs.append(model.purify(x.clone().requires_grad_(True)).detach())
+        with torch.no_grad():
+            outputs.append(model.purify(x))
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
+
+
 def test_seeded_determinism(digits_clean, digits):
     x, _ = digits
     model = quick(digits_clean, "bpda", random_start=True)

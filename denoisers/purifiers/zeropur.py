@@ -258,7 +258,10 @@ class ZeroPurPurifier(nn.Module):
             # the authors' code back-propagates nothing through the purifier; their
             # adaptive attack takes the identity (BPDA): forward unchanged, backward identity
             return BPDA(_Run(self, generator))(x)
-        return self._purify(x, generator, exact=self.gradient == "exact")
+        # under no_grad (evaluation) nobody differentiates: skip the second-order graphs,
+        # which do not change the forward values
+        exact = self.gradient == "exact" and torch.is_grad_enabled()
+        return self._purify(x, generator, exact=exact)
 
     def _purify(
         self, x: torch.Tensor, generator: torch.Generator | None, exact: bool
@@ -284,9 +287,9 @@ class ZeroPurPurifier(nn.Module):
         momentum = torch.zeros_like(x)
         with torch.enable_grad():
             for _ in range(self.gs_steps):
-                current = x_g if exact else x_g.detach().requires_grad_(True)
-                if not current.requires_grad:
-                    current = current.requires_grad_(True)
+                current = x_g if exact else x_g.detach()
+                if not current.requires_grad:  # a leaf: the input itself, or detached
+                    current.requires_grad_(True)
                 with torch.no_grad():
                     target = self.embed(self.blur(current))  # fixed target (authors' code)
                 alignment = _cosine(self.embed(current), target)
@@ -316,9 +319,9 @@ class ZeroPurPurifier(nn.Module):
         x_p = x.clone()
         with torch.enable_grad():
             for _ in range(self.ap_steps):
-                current = x_p if exact else x_p.detach().requires_grad_(True)
-                if not current.requires_grad:
-                    current = current.requires_grad_(True)
+                current = x_p if exact else x_p.detach()
+                if not current.requires_grad:  # a leaf: the input itself, or detached
+                    current.requires_grad_(True)
                 loss = self.objective(current, start, directions, phi_start)
                 (grad,) = torch.autograd.grad(loss.sum(), current, create_graph=exact)
                 x_p = self.threat.project(current - step_size * grad.sign(), x)
