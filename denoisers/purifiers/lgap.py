@@ -330,6 +330,66 @@ def check_images(x: torch.Tensor) -> None:
         raise ValueError(f"LGAP purifies RGB (or grey) images, got {x.shape[1]} channels")
 
 
+def load_purifier(
+    *,
+    caption_checkpoint: str | Path = DEFAULT_CAPTION_CHECKPOINT,
+    ldm_checkpoint: str | Path = DEFAULT_LDM_CHECKPOINT,
+    strength: float = STRENGTH_CIFAR,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    eta: float = 0.0,
+    resolution: int | None = 512,
+    num_beams: int = CAPTION_DECODING["num_beams"],
+    max_length: int = CAPTION_DECODING["max_length"],
+    min_length: int = CAPTION_DECODING["min_length"],
+    gradient_checkpointing: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    variant: str | None = None,
+) -> tuple[LGAPPurifier, dict[str, Any]]:
+    """The `LGAPPurifier` of `build` (same options) and its settings, without a classifier
+    (for `adapt.lgap_finetune`, which purifies clean training images)."""
+    check_hyperparameters(strength, num_inference_steps, guidance_scale)
+    for name, value in (("num_beams", num_beams), ("max_length", max_length),
+                        ("min_length", min_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if min_length > max_length:
+        raise ValueError(f"min_length {min_length} exceeds max_length {max_length}")
+    torch_dtype = parse_dtype(dtype)
+    for name, value in (("caption_checkpoint", caption_checkpoint),
+                        ("ldm_checkpoint", ldm_checkpoint)):
+        if value is None or not str(value).strip():
+            raise CheckpointError(f"LGAP needs {name} (a hub id or a save_pretrained folder)")
+    captioner, processor = load_captioner(caption_checkpoint, device=device, dtype=torch_dtype)
+    pipeline = load_ldm(ldm_checkpoint, device=device, dtype=torch_dtype, variant=variant)
+    decoding = {"num_beams": num_beams, "max_length": max_length, "min_length": min_length}
+    purifier = LGAPPurifier(
+        captioner, processor, pipeline, strength=strength,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+        resolution=resolution, caption_decoding=decoding,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    settings = {
+        "purifier": "lgap",
+        "caption_checkpoint": str(caption_checkpoint),
+        "ldm_checkpoint": str(ldm_checkpoint),
+        "scheduler": type(pipeline.scheduler).__name__,
+        "strength": purifier.strength,
+        "num_inference_steps": num_inference_steps,
+        "denoising_steps": int(num_inference_steps * purifier.strength),
+        "guidance_scale": purifier.guidance_scale,
+        "eta": purifier.eta,
+        "resolution": resolution,
+        "caption_decoding": decoding,
+        "dtype": dtype_name(torch_dtype),
+        "variant": variant,
+        "caption_gradient": "none (discrete)",
+        "official_gradient": "exact (no public code)",
+    }
+    return purifier, settings
+
+
 def build(
     *,
     classifier: nn.Module,
@@ -370,47 +430,16 @@ def build(
     any base classifier on [0, 1] images.
     """
     check_gradient(gradient)
-    check_hyperparameters(strength, num_inference_steps, guidance_scale)
     if not isinstance(classifier, nn.Module):
         raise ValueError(
             f"LGAP wraps a torch.nn.Module classifier of [B, C, H, W] images in [0, 1], "
             f"got {type(classifier).__name__}"
         )
-    for name, value in (("num_beams", num_beams), ("max_length", max_length),
-                        ("min_length", min_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if min_length > max_length:
-        raise ValueError(f"min_length {min_length} exceeds max_length {max_length}")
-    torch_dtype = parse_dtype(dtype)
-    for name, value in (("caption_checkpoint", caption_checkpoint),
-                        ("ldm_checkpoint", ldm_checkpoint)):
-        if value is None or not str(value).strip():
-            raise CheckpointError(f"LGAP needs {name} (a hub id or a save_pretrained folder)")
-    captioner, processor = load_captioner(caption_checkpoint, device=device, dtype=torch_dtype)
-    pipeline = load_ldm(ldm_checkpoint, device=device, dtype=torch_dtype, variant=variant)
-    decoding = {"num_beams": num_beams, "max_length": max_length, "min_length": min_length}
-    purifier = LGAPPurifier(
-        captioner, processor, pipeline, strength=strength,
+    purifier, settings = load_purifier(
+        caption_checkpoint=caption_checkpoint, ldm_checkpoint=ldm_checkpoint, strength=strength,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-        resolution=resolution, caption_decoding=decoding,
-        gradient_checkpointing=gradient_checkpointing,
+        resolution=resolution, num_beams=num_beams, max_length=max_length,
+        min_length=min_length, gradient_checkpointing=gradient_checkpointing, device=device,
+        dtype=dtype, variant=variant,
     )
-    settings = {
-        "purifier": "lgap",
-        "caption_checkpoint": str(caption_checkpoint),
-        "ldm_checkpoint": str(ldm_checkpoint),
-        "scheduler": type(pipeline.scheduler).__name__,
-        "strength": purifier.strength,
-        "num_inference_steps": num_inference_steps,
-        "denoising_steps": int(num_inference_steps * purifier.strength),
-        "guidance_scale": purifier.guidance_scale,
-        "eta": purifier.eta,
-        "resolution": resolution,
-        "caption_decoding": decoding,
-        "dtype": dtype_name(torch_dtype),
-        "variant": variant,
-        "caption_gradient": "none (discrete)",
-        "official_gradient": "exact (no public code)",
-    }
     return PurifiedClassifier(purifier, classifier, gradient=gradient, settings=settings)
