@@ -184,7 +184,7 @@ def float64_purifier(tmp_path, resolution):
 @pytest.mark.parametrize("size,resolution,fast", [
     (8, None, True),
     (6, 8, True),
-    # the full Jacobian against finite differences: 2 x 192 evaluations, about 2 minutes
+    # the full Jacobian against finite differences: 2 x 192 evaluations, 2-3 minutes
     pytest.param(8, None, False, marks=pytest.mark.slow),
 ])
 def test_the_exact_gradient_is_the_finite_difference_one(tmp_path, size, resolution, fast):
