@@ -28,8 +28,10 @@ holding another run, the batch stream of seeded shuffled epochs, the classifier 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -187,7 +189,19 @@ class PurifiedImages:
         return torch.stack([self.cache[index] for index in indices])
 
 
-def lgap_finetune(config: LGAPFinetuneConfig, progress: bool = True):
+def with_resolved_checkpoints(config: LGAPFinetuneConfig) -> LGAPFinetuneConfig:
+    """The config with LGAP's local checkpoint folders as absolute paths, so that the
+    settings a rerun compares name the same folders from any working directory (as
+    `adapt.training.result_settings` does for the references)."""
+    changes = {}
+    for name in ("caption_checkpoint", "ldm_checkpoint"):
+        value = getattr(config, name)
+        if value and Path(value).expanduser().is_dir():
+            changes[name] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(config, **changes)
+
+
+def lgap_finetune(config: LGAPFinetuneConfig, progress: bool = True) -> Path:
     """Fine-tune the classifier on LGAP-purified clean images; return the output folder.
 
     Resumes, returns at once when complete, or refuses (AdaptError, nothing changed) as
@@ -198,6 +212,7 @@ def lgap_finetune(config: LGAPFinetuneConfig, progress: bool = True):
     from classifiers.weights_io import save_classifier_weights
     from denoisers.purifiers.lgap import load_purifier
 
+    config = with_resolved_checkpoints(config)
     options = config.classifier_options
     references, folder = prepare_run(
         config, kind=KIND, config_name=CONFIG_NAME, weights_name=CLASSIFIER_WEIGHTS,

@@ -100,10 +100,13 @@ def test_the_classifier_trains_on_lgaps_purification_of_each_clean_image(
     assert len(log) == 1 + 4
 
 
-def test_the_tuned_weights_differ_and_reload_as_the_classifier(tiny, tmp_path):
+def test_the_tuned_weights_differ_and_reload_as_the_classifier(tiny, tmp_path, monkeypatch):
     import classifiers
 
-    out = lgap_finetune(config(tiny, tmp_path / "out", epochs=1), progress=False)
+    monkeypatch.chdir(tiny["sd"].parent)  # LGAP's checkpoints given as relative folders
+    relative = config(tiny, tmp_path / "out", epochs=1, caption_checkpoint="blip",
+                      ldm_checkpoint="sd")
+    out = lgap_finetune(relative, progress=False)
     tuned = load_file(str(out / CLASSIFIER_WEIGHTS))
     untuned = load_file(str(tiny["resnet"]))
     assert any(not torch.equal(tuned[k], untuned[k]) for k in untuned if k.endswith("weight"))
@@ -114,7 +117,11 @@ def test_the_tuned_weights_differ_and_reload_as_the_classifier(tiny, tmp_path):
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.allclose(before(x), after(x))
-    # A rerun of the finished run returns at once and changes nothing.
+    # The settings name the folders themselves: from elsewhere, with absolute paths, the
+    # finished run is recognized, returned at once and left unchanged.
+    settings = json.loads((out / CONFIG_NAME).read_text())["settings"]
+    assert settings["ldm_checkpoint"] == str(tiny["sd"].resolve())
+    monkeypatch.chdir(tmp_path)
     stamp = (out / CLASSIFIER_WEIGHTS).stat().st_mtime_ns
     assert lgap_finetune(config(tiny, tmp_path / "out", epochs=1), progress=False) == out
     assert (out / CLASSIFIER_WEIGHTS).stat().st_mtime_ns == stamp
