@@ -18,7 +18,7 @@ from torch import nn
 from denoisers.purifiers import build_purifier
 from denoisers.purifiers.lgap import CAPTION_DECODING, LGAPPurifier, load_captioner, load_ldm
 from denoisers.registry import CheckpointError, CheckpointNotFoundError
-from smoothing.attacks import ThreatModel, cross_entropy_loss, pgd
+from smoothing.attacks import EOT, ThreatModel, cross_entropy_loss, pgd
 from tests.tiny_models import go_offline, one_thread, save_to_hub_cache
 from tests.tiny_purifier_models_lgap import (
     save_tiny_blip,
@@ -345,3 +345,19 @@ def test_a_classifier_that_is_not_a_module_and_bad_images_are_refused(checkpoint
     with pytest.raises(ValueError, match="1 captions for 2 images"):
         purifier.purify(images(), seeded(), captions=["a dog"])
 
+
+
+def test_eot_averages_fresh_draws_of_the_random_defense_and_pgd_runs_through_it(checkpoints):
+    model, x, y = build(checkpoints), images(), torch.tensor([0, 1])
+    model.generator = seeded(3)
+    with torch.no_grad():
+        first, second = model(x), model(x)  # two successive draws of the same generator
+        model.generator = seeded(3)
+        averaged = EOT(model, samples=2)(x)
+    assert not torch.allclose(first, second)  # LGAP is random: EOT has something to average
+    torch.testing.assert_close(averaged, (first + second) / 2)
+    model.generator = seeded(3)
+    x_adv = pgd(EOT(model, samples=2), x, y, ThreatModel("linf", 8 / 255), steps=1,
+                random_start=False)
+    # one signed step of 4/3 eps along a non-zero exact gradient moves every example
+    assert (ThreatModel("linf", 8 / 255).distance(x_adv, x) > 0).all()
