@@ -401,3 +401,42 @@ def test_prior_likelihood_checks_its_timesteps(tiny):
     }
     with pytest.raises(ValueError, match="0 <= t_min <= t_max < 1000"):
         PriorLikelihood(model.likelihood.prior, scheduler, condition, (900, 1000))
+
+
+# -- the digits-scale analogue (feature-space cosine step) --------------------------------
+
+
+def test_feature_step_with_the_papers_settings_is_the_identity_on_the_digits_cnn():
+    # Every test feature is within 20 deg of t (cos > 0.83), well inside atan(30) = 88 deg:
+    # ten steps of 30 give the feature back, so the exact gradient is the CNN's own, while
+    # in the official (detached) one the direction's part is scaled by (1/901)^5: what is
+    # left is the gradient through the feature's norm r, the direction held fixed.
+    from classifiers.digits import CLASS_NAMES
+    from classifiers.registry import build_dataset
+    from denoisers.purifiers.clipure import build_feature_cos
+
+    cnn = build_classifier("digits-clean", class_names=CLASS_NAMES).eval()
+    data = build_dataset("digits", split="test")
+    x = torch.stack([data[i][0] for i in range(20)])
+    exact = build_feature_cos(classifier=cnn)
+    with torch.no_grad():
+        features = exact.image_embeddings(x)
+        cosines = F.cosine_similarity(features, exact.likelihood.blank[None], dim=-1)
+        assert cosines.min() > math.cos(ALPHA_30)
+        torch.testing.assert_close(exact(x), cnn(x), atol=1e-3, rtol=0)
+    grads = {}
+    for name, model in (("cnn", cnn), ("exact", exact),
+                        ("official", build_feature_cos(classifier=cnn, gradient="official"))):
+        xr = x.clone().requires_grad_(True)
+        (grads[name],) = torch.autograd.grad(model(xr)[:, 3].sum(), xr)
+    torch.testing.assert_close(grads["exact"], grads["cnn"], atol=1e-3, rtol=1e-3)
+    xr = x.clone().requires_grad_(True)
+    features = exact.image_embeddings(xr)
+    with torch.no_grad():
+        direction = F.normalize(exact.purify_embeddings(features), dim=-1)
+    radial = cnn.head[-1](features.norm(dim=-1, keepdim=True) * direction)
+    (by_hand,) = torch.autograd.grad(radial[:, 3].sum(), xr)
+    torch.testing.assert_close(grads["official"], by_hand, atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(grads["official"], grads["cnn"], atol=1e-2, rtol=1e-1)
+    with pytest.raises(ValueError, match="digits CNN; it cannot wrap Linear"):
+        build_feature_cos(classifier=nn.Linear(2, 2))
