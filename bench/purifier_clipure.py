@@ -1,6 +1,7 @@
 """CLIPure on the CPU: per-image cost against plain CLIP, and the digits-scale attack table.
 
     python -m bench.purifier_clipure [--batch 8] [--repeats 5] [--threads 1] [--digits]
+                                     [--geometry]
 
 1. Cost (`clipure_cost`): the tiny CLIP of the tests (tests/tiny_classifiers.py: ViT
    width 64, 2 layers, 32x32; random weights, the real open_clip class) and the tiny
@@ -15,6 +16,11 @@
    the first 50 test images, PGD-L2 eps 0.5 (100 steps, step 4/3 eps/100, random start
    seeded 0) under blind (attack the CNN, evaluate the defense), bpda, official and
    exact gradients, for step sizes 30 (the paper's), 0.1 and 0.03.
+3. Geometry (`step_geometry`, with --geometry): no model, only Eq. 8-9 in float64 on
+   random 768-d unit embeddings (ViT-L/14's width) whose cosine with a random unit t is
+   drawn uniformly in [0.15, 0.35] (the range of CLIP's image-text cosines): how far ten
+   steps of 30 move them, with per-example ("sample") and the official code's whole-batch
+   ("batch") normalization, at batch sizes 1 to 128.
 
 Tiny-model figures: they show the overhead of the loop relative to the encoder, not the
 cost on a real ViT-L/14 (where the encoder dominates even more).
@@ -104,12 +110,42 @@ def digits_attack_table(examples: int = 50, step_sizes=(30.0, 0.1, 0.03)) -> lis
     return rows
 
 
+def step_geometry(batch_sizes=(1, 2, 8, 32, 128), dim: int = 768, seed: int = 0) -> list[dict]:
+    import torch.nn.functional as F
+    from torch import nn
+
+    from denoisers.purifiers.clipure import CLIPurePurifiedClassifier, CosineLikelihood
+
+    generator = torch.Generator().manual_seed(seed)
+    t = F.normalize(torch.randn(dim, generator=generator, dtype=torch.float64), dim=0)
+    rows = []
+    for batch in batch_sizes:
+        cosines = 0.15 + 0.2 * torch.rand(batch, generator=generator, dtype=torch.float64)
+        others = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+        others = F.normalize(others - (others @ t)[:, None] * t, dim=-1)
+        u = cosines[:, None] * t + (1 - cosines.square()).sqrt()[:, None] * others
+        for normalization in ("sample", "batch"):
+            model = CLIPurePurifiedClassifier(
+                nn.Identity(), CosineLikelihood(t), gradient="official", steps=10,
+                step_size=30.0, normalization=normalization, settings={},
+            )
+            out = model.purify_embeddings(u)
+            moved = torch.rad2deg(torch.acos((out * u).sum(-1).clamp(-1, 1)))
+            rows.append({
+                "batch": batch, "normalization": normalization,
+                "moved_median": moved.median().item(), "moved_max": moved.max().item(),
+                "cos_before": cosines.mean().item(), "cos_after": (out @ t).mean().item(),
+            })
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--digits", action="store_true", help="also the digits attack table")
+    parser.add_argument("--geometry", action="store_true", help="also the step geometry table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
@@ -127,6 +163,14 @@ def main() -> None:
         for row in digits_attack_table():
             print(f"| {row['defense']} | {row.get('gradient', '-')} | {row['clean']:.2f} | "
                   f"{row['robust']:.2f} |")
+
+    if args.geometry:
+        print("\n| batch | normalization | moved (deg, median / max) | mean cos(u, t) before "
+              "-> after |")
+        print("| --- | --- | --- | --- |")
+        for row in step_geometry():
+            print(f"| {row['batch']} | {row['normalization']} | {row['moved_median']:.4f} / "
+                  f"{row['moved_max']:.4f} | {row['cos_before']:.3f} -> {row['cos_after']:.3f} |")
 
 
 if __name__ == "__main__":
