@@ -51,6 +51,10 @@ Gradient modes (see `base`):
   steps at s = 30: the attacker's gradient all but vanishes (and underflows in fp16,
   where the official code runs CLIP).
 - "bpda": the purification's backward is the identity on the embedding.
+
+`build_feature_cos` runs the same loop on the digits CNN's penultimate feature (an
+analogue for the digits-scale check, not a method of the paper); there the feature's
+norm reaches the linear last layer, so the official gradient keeps the part through r.
 """
 
 from __future__ import annotations
