@@ -7,6 +7,7 @@ written out by hand, and from Eq. 7 with a prior whose output is fixed.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -271,6 +272,7 @@ def test_cos_outputs_logits_of_the_zero_shot_head(tiny):
         "purifier": "clipure-cos", "steps": 10, "step_size": 30.0, "normalization": "sample",
         "blank_templates": "clip-imagenet-80", "gradient": "exact",
     }
+    json.dumps(model.settings)  # goes into the result file's JSON
     # steps=0 is the undefended classifier
     plain = build_purifier("clipure-cos", classifier=classifier, steps=0)
     with torch.no_grad():
