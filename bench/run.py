@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from bench.noise import noise_cost
 from classifiers import build_classifier
 from smoothing.core import Smooth
 
@@ -269,6 +270,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "processor": platform.processor(), "rows": rows,
         "denoised_smoothing": denoised, "engine_memory": memory,
+        "noise_sampler": None if args.only_denoised else noise_cost(args.repeats),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

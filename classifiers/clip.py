@@ -286,10 +286,15 @@ def build_clip(
 
         templates = default_templates()
     model = _create_open_clip(name, arch, pretrained, quick_gelu=quick_gelu, device=device)
+    weight_files = []  # the files the weights come from, for the result's sha256
+    checkpoint = None if pretrained is None else _checkpoint_file(arch, str(pretrained))
+    if checkpoint is not None:
+        weight_files.append(checkpoint)
     if weights is not None:
         load_classifier_weights(model, weights)
+        weight_files.append(Path(weights).expanduser())
     model.eval()
-    return CLIPZeroShotClassifier(
+    classifier = CLIPZeroShotClassifier(
         model,
         open_clip.get_tokenizer(arch),
         class_names,
@@ -297,7 +302,44 @@ def build_clip(
         arch=arch,
         cache_dir=cache_dir,
         text_batch_size=text_batch_size,
-    ).to(device)
+    )
+    classifier.weight_files = weight_files or None
+    return classifier.to(device)
+
+
+def _checkpoint_file(arch: str, pretrained: str) -> Path | None:
+    """The file open_clip read for `pretrained`: a local checkpoint, or for a pretrained tag
+    the copy in the Hugging Face cache (or open_clip's URL cache); None if not found.
+
+    Written by hand: open_clip returns no path from `create_model`. This follows the order
+    of `open_clip.pretrained.download_pretrained` (the hub before the URL, a safetensors
+    alternative before the file named), looking only into the caches, never the network.
+    """
+    import open_clip
+
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    config = open_clip.get_pretrained_cfg(arch, pretrained)
+    if config.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(config["hf_hub"])
+        filename = filename or "open_clip_pytorch_model.bin"
+        alternative = (
+            "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin"
+            else filename[:-4] + ".safetensors" if filename.endswith((".bin", ".pth"))
+            else None
+        )
+        for candidate in (alternative, filename):
+            found = candidate and try_to_load_from_cache(repo_id, candidate)
+            if isinstance(found, str):
+                return Path(found)
+        return None
+    if config.get("url"):
+        cached = Path("~/.cache/clip").expanduser() / Path(config["url"]).name
+        return cached if cached.is_file() else None
+    return None
 
 
 def _create_open_clip(

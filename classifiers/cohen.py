@@ -186,7 +186,9 @@ def build_cohen(
             f"{unexpected[:5]}, wrong shapes {misshaped[:5]}"
         )
     network.load_state_dict(state, strict=True)
-    return NormalizedClassifier(network, mean, std).to(device).eval()
+    classifier = NormalizedClassifier(network, mean, std)
+    classifier.weight_files = [Path(path).expanduser()]  # the CLI records their sha256
+    return classifier.to(device).eval()
 
 
 CLASSIFIERS.register(

@@ -99,9 +99,11 @@ def build_efficientnet_lite0(
         ) from None
 
     num_classes = len(class_names)
+    weight_files = None  # the files the weights come from, for the result's sha256
     if weights is not None:
         model = EfficientNet.from_name(ARCHITECTURE, num_classes=num_classes)
         load_classifier_weights(model, weights)
+        weight_files = [Path(weights).expanduser()]
     else:
         if num_classes != IMAGENET_CLASSES:
             raise ClassCountError(
@@ -120,10 +122,12 @@ def build_efficientnet_lite0(
                 )
             # Strict keys and shapes, torch.load(weights_only=True): never unpickled.
             load_classifier_weights(model, path)
+            weight_files = [Path(path).expanduser()]
     # Channels-last weights make oneDNN's (depthwise) convolutions about 1.5x cheaper on
     # CPU (measured here); the input follows them, the logits equal up to float rounding.
     model = model.to(memory_format=torch.channels_last)
     classifier = EfficientNetLiteClassifier(model, TF_LITE_MEAN, TF_LITE_STD)
+    classifier.weight_files = weight_files
     return classifier.to(device).eval()
 
 

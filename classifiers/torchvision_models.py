@@ -86,9 +86,11 @@ def build_torchvision(
     weights_enum = getattr(torchvision.models, enum_name)
     num_classes = len(class_names)
 
+    weight_files = None  # the files the weights come from, for the result's sha256
     if weights is not None:
         model = constructor(weights=None, num_classes=num_classes)
         load_classifier_weights(model, weights)
+        weight_files = [Path(weights).expanduser()]
     else:
         if num_classes != IMAGENET_CLASSES:
             raise ClassCountError(
@@ -99,7 +101,7 @@ def build_torchvision(
             )
         model = constructor(weights=None, num_classes=IMAGENET_CLASSES)
         if pretrained is not None:
-            _load_pretrained(name, model, weights_enum, pretrained)
+            weight_files = [_load_pretrained(name, model, weights_enum, pretrained)]
 
     # Normalization constants come from the weights' evaluation transforms; all ImageNet
     # members share them, so random and fine-tuned networks use the default member's.
@@ -110,16 +112,20 @@ def build_torchvision(
     )
     preset = member.transforms()
     classifier = NormalizedClassifier(model, preset.mean, preset.std)
+    classifier.weight_files = weight_files
     return classifier.to(device).eval()
 
 
 def _load_pretrained(
     name: str, model: torch.nn.Module, weights_enum: Any, pretrained: str | os.PathLike
-) -> None:
-    """Load ImageNet weights named by a weights enum member, or from a local file."""
+) -> Path:
+    """Load ImageNet weights named by a weights enum member, or from a local file; return
+    the file they were read from."""
     text = str(pretrained)
     if text in weights_enum.__members__:
         member = weights_enum[text]
+        # where torch.hub keeps (and get_state_dict reads) the member's download
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
         try:
             # torch.hub caches under $TORCH_HOME/hub/checkpoints; its loader defaults to
             # weights_only=False, so ask for True; check_hash checks a download's sha256.
@@ -127,7 +133,6 @@ def _load_pretrained(
                 progress=False, check_hash=True, map_location="cpu", weights_only=True
             )
         except (OSError, RuntimeError) as error:  # URLError is an OSError
-            target = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
             raise WeightsNotFoundError(
                 f"{name}: torchvision weights {weights_enum.__name__}.{text} are not on this "
                 f"machine and cannot be downloaded ({error}). On a machine with network "
@@ -135,7 +140,7 @@ def _load_pretrained(
                 f"--classifier-weights PATH (builder option weights=PATH or pretrained=PATH)."
             ) from error
         model.load_state_dict(state)
-        return
+        return target
     path = Path(text).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(
@@ -143,6 +148,7 @@ def _load_pretrained(
             f"({', '.join(weights_enum.__members__)}) nor an existing file"
         )
     load_classifier_weights(model, path)
+    return path
 
 
 def _register() -> None:

@@ -15,6 +15,7 @@ import click
 import torch
 
 import classifiers
+from classifiers.datasets import UnreadableImageError
 from cli.errors import CommandError
 from cli.options import (
     DENOISER_OPTIONS,
@@ -25,6 +26,7 @@ from cli.options import (
     resolve_device,
 )
 from cli.protocol_options import PROTOCOL_OPTIONS, resolve_protocol
+from smoothing.noise import gaussian_noise
 from smoothing.runner import example_generator
 
 
@@ -61,6 +63,9 @@ def _numbers(kind: type, flag: str, positive: bool = True):
 @click.option("--seed", type=int, default=0, help="Noise seed (the runner's seeding rule).")
 @click.option("--out", type=click.Path(dir_okay=False), default="runs/denoise.png")
 @click.option("--overwrite", is_flag=True, help="Replace an existing picture.")
+@click.option("--skip-unreadable", is_flag=True,
+              help="Leave out an image file that cannot be decoded (named on stderr) and draw "
+                   "the others [default: stop there, naming the file].")
 def denoise_command(**options: Any) -> None:
     """Draw clean / noisy / denoised images side by side as a PNG grid."""
     out = Path(options["out"]).with_suffix(".png")
@@ -83,7 +88,8 @@ def denoise_command(**options: Any) -> None:
         bad = [i for i in options["indices"] if i >= len(dataset)]
         if bad:
             raise ValueError(f"--indices {bad} past the end of the dataset ({len(dataset)})")
-        images = torch.stack([dataset[i][0] for i in options["indices"]]).to(device)
+        indices, images = _read_images(dataset, options["indices"], options["skip_unreadable"])
+        images = images.to(device)
         first = build_denoiser(options, options["sigmas"][0], options["ks"][0], device)
         # every (sigma, k) is built before any work, so a refused one costs nothing
         built = {
@@ -96,12 +102,13 @@ def denoise_command(**options: Any) -> None:
     columns: list[tuple[str, torch.Tensor]] = [("clean", images)]
     with torch.inference_mode():
         for sigma in options["sigmas"]:
-            noise = torch.stack([
-                torch.randn(image.shape, generator=example_generator(options["seed"], i, device),
-                            device=device)
-                for i, image in zip(options["indices"], images, strict=True)
+            # image i's noise: the runner's seeding rule and the engine's sampler, so on the
+            # CPU it is certify's first noisy copy of image i (when C*H*W is a multiple of 16,
+            # torch's pairing block: 8x8, 32x32, 224x224 images)
+            noisy = images + torch.stack([
+                gaussian_noise(image.shape, sigma, example_generator(options["seed"], i, device))
+                for i, image in zip(indices, images, strict=True)
             ])
-            noisy = images + sigma * noise
             columns.append((f"noisy σ={sigma:g}", noisy))
             for k in options["ks"]:
                 denoiser = built[sigma, k]
@@ -114,6 +121,26 @@ def denoise_command(**options: Any) -> None:
     except OSError as error:  # e.g. the disk filled up while the denoisers ran
         raise CommandError(f"cannot write {out}: {error}") from error
     click.echo(f"wrote {out}")
+
+
+def _read_images(
+    dataset: Any, indices: list[int], skip_unreadable: bool
+) -> tuple[list[int], torch.Tensor]:
+    """The images at `indices` as one batch, and the indices read; an unreadable file stops
+    the command naming it, or with `skip_unreadable` is left out and named on stderr."""
+    kept, images = [], []
+    for index in indices:
+        try:
+            images.append(dataset[index][0])
+        except UnreadableImageError as error:
+            if not skip_unreadable:
+                raise
+            click.echo(f"skipped index {index}: {error}", err=True)
+            continue
+        kept.append(index)
+    if not images:
+        raise ValueError(f"none of --indices {indices} could be read; nothing to draw")
+    return kept, torch.stack(images)
 
 
 def _check_writable(out: Path) -> None:

@@ -210,9 +210,16 @@ def _local_files(folder: Path, variant: str | None) -> list[Path]:
     """The configs and the (possibly sharded) UNet weights a local checkpoint is read from."""
     unet_config = folder / locate(str(folder), UNET_CONFIGS)
     files = [unet_config, folder / locate(str(folder), SCHEDULER_CONFIGS)]
-    prefix, suffix = "diffusion_pytorch_model", ".safetensors"
+    return files + variant_weight_files(unet_config.parent, "diffusion_pytorch_model", variant)
+
+
+def variant_weight_files(folder: Path, prefix: str, variant: str | None) -> list[Path]:
+    """The safetensors files `from_pretrained(..., variant=variant)` reads in `folder`:
+    PREFIX[.VARIANT].safetensors or its shards PREFIX[.VARIANT]-0000i-of-0000n.safetensors."""
+    suffix = ".safetensors"
     marker = f".{variant}" if variant else ""
-    for path in sorted(unet_config.parent.glob(f"{prefix}*{suffix}")):
+    files = []
+    for path in sorted(folder.glob(f"{prefix}*{suffix}")):
         rest = path.name[len(prefix) : -len(suffix)]
         if rest == marker or rest.startswith(marker + "-"):
             files.append(path)

@@ -160,6 +160,8 @@ class FFDNetDenoiser(Denoiser):
         self.checkpoint = checkpoint
         self.checkpoint_sha256 = checkpoint_sha256
         self.allow_untrained_sigma = bool(allow_untrained_sigma)
+        # read by the CLI to record the weights' sha256 with the result
+        self.weight_files = None if checkpoint is None else [Path(checkpoint)]
 
     @classmethod
     def from_pretrained(

@@ -46,8 +46,10 @@ from typing import Any, NamedTuple
 
 import torch
 from diffusers import DDPMScheduler, IFSuperResolutionPipeline, UNet2DConditionModel
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from transformers import T5Tokenizer
 
+from denoisers.dds import variant_weight_files
 from denoisers.pipeline import Denoiser, pad_to_multiple
 from denoisers.registry import (
     dtype_kwargs,
@@ -275,6 +277,9 @@ class IF2Denoiser(Denoiser):
         self.k = float(k)
         self.timestep_rounding = timestep_rounding
         self.info = dict(info or {})
+        # The files the networks were read from, for provenance hashes; None when unknown
+        # (built in memory, or a hub id resolved by diffusers' cache).
+        self.weight_files: list[Path] | None = None
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
         alphas_cumprod = scheduler.alphas_cumprod
@@ -324,22 +329,28 @@ class IF2Denoiser(Denoiser):
             dtype=dtype,
             variant=variant,
         )
-        return cls(
+        denoiser = cls(
             unet, scheduler, prompt_embeds, sigma, k=k, timestep_rounding=timestep_rounding,
             info=info,
-        ).to(device)
+        )
+        folder = Path(checkpoint).expanduser()
+        if folder.is_dir():  # a hub id resolved by diffusers' cache names no files here
+            denoiser.weight_files = _local_files(folder, variant, lora)
+        return denoiser.to(device)
 
     def at(
         self, sigma: float, k: float | None = None, timestep_rounding: str | None = None
     ) -> IF2Denoiser:
         """The same network and prompt for another noise level, correction factor or
         rounding of the corrected timestep."""
-        return IF2Denoiser(
+        denoiser = IF2Denoiser(
             self.unet, self.scheduler, self.prompt_embeds, sigma,
             k=self.k if k is None else k,
             timestep_rounding=timestep_rounding or self.timestep_rounding,
             info=self.info,
         )
+        denoiser.weight_files = self.weight_files
+        return denoiser
 
     def denoise(self, noisy: torch.Tensor) -> torch.Tensor:
         batch, channels = noisy.shape[:2]
@@ -379,3 +390,20 @@ class IF2Denoiser(Denoiser):
             "resolution": "native",
             "dtype": dtype_name(self.unet.dtype),
         }
+
+
+def _local_files(folder: Path, variant: str | None, lora: str | Path | None) -> list[Path]:
+    """The files of a local IF-II folder that decide the denoiser's numbers: the UNet's and
+    T5 encoder's configs and weights of `variant`, the scheduler's config, the tokenizer's
+    files, and the LoRA weights (a file, or the default file of a LoRA folder)."""
+    files = [folder / "scheduler" / "scheduler_config.json"]
+    for component, prefix in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        index = f"{prefix}.safetensors.index{'.' + variant if variant else ''}.json"
+        files += [folder / component / "config.json", folder / component / index]
+        files += variant_weight_files(folder / component, prefix, variant)
+    tokenizer = folder / "tokenizer"
+    files += sorted(tokenizer.iterdir()) if tokenizer.is_dir() else []
+    if lora is not None:
+        lora = Path(lora).expanduser()
+        files.append(lora / LORA_WEIGHT_NAME_SAFE if lora.is_dir() else lora)
+    return [path for path in files if path.is_file()]

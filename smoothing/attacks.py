@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoothing.core import NonFiniteOutputError, _generator_for
+from smoothing.noise import gaussian_noise
 
 Norm = Literal["l2", "linf"]
 NORMS: tuple[str, ...] = ("l2", "linf")
@@ -187,14 +188,11 @@ def pgd(
 def draw_noise(
     x: torch.Tensor, m: int, sigma: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """m draws of N(0, sigma^2 I) for each example of x: a [B, m, C, H, W] tensor."""
+    """m draws of N(0, sigma^2 I) for each example of x: a [B, m, C, H, W] tensor, drawn
+    by `smoothing.noise.gaussian_noise`, the sampler of CERTIFY and PREDICT."""
     _check_positive_int(m=m)
-    if not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a positive finite number, got {sigma}")
-    noise = torch.randn(
-        (x.shape[0], m, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype
-    )
-    return noise.mul_(sigma)
+    shape = (x.shape[0], m, *x.shape[1:])
+    return gaussian_noise(shape, sigma, generator, dtype=x.dtype, device=x.device)
 
 
 @torch.enable_grad()  # also when called inside a no_grad block

@@ -2,7 +2,8 @@
 
 Same public shape as Cohen et al.'s reference `core.Smooth`, so code written
 against it ports by changing one import. Differences: randomness comes from an
-explicit `torch.Generator`, counting stays on the device (one transfer per
+explicit `torch.Generator`, the noise is drawn in float64 so that its tails are
+Gaussian (`smoothing.noise`), counting stays on the device (one transfer per
 call), and a non-finite output of the base classifier raises instead of being
 counted as a vote.
 """
@@ -14,6 +15,7 @@ import contextlib
 import torch
 
 from smoothing import stats
+from smoothing.noise import gaussian_noise
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -98,9 +100,11 @@ class Smooth:
         finite = torch.ones((), dtype=torch.bool, device=x.device)
         for start in range(0, num, batch_size):
             size = min(batch_size, num - start)
-            # N(0, sigma^2) noise, then x added in place: the input is never copied
-            batch = torch.empty((size, *x.shape), device=x.device, dtype=x.dtype)
-            batch.normal_(0.0, self.sigma, generator=generator).add_(x)
+            # N(0, sigma^2 I) noise with Gaussian tails (smoothing.noise), then x added in
+            # place: the input is never copied
+            batch = gaussian_noise(
+                (size, *x.shape), self.sigma, generator, dtype=x.dtype, device=x.device
+            ).add_(x)
             with self._autocast(x.device):
                 logits = self.base_classifier(batch)
             self._check_logits(logits, size)

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smoothing.core import Smooth
+from smoothing.noise import NOISE_SAMPLER
 
 try:
     import fcntl
@@ -196,7 +197,8 @@ class ResultFile:
 
     def open(self, extra: dict[str, Any]) -> None:
         """Lock, check, then start fresh, resume, or refuse. Changes nothing when refusing."""
-        self.settings = _canonical(self.settings)
+        # The sampler decides every row's noise: rows of another one are not this run.
+        self.settings = _canonical({"noise": NOISE_SAMPLER, **self.settings})
         folder = self.stem.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -307,3 +307,59 @@ def test_float_tiff_is_refused_not_clipped(tmp_path):
     assert Image.open(root / "a" / "x.tif").mode == "F"
     with pytest.raises(UnreadableImageError, match=r"^cannot read image \S+x\.tif: 32-bit float"):
         classifiers.build_dataset(f"folder:{root}")[0]
+
+
+def test_predict_skip_unreadable_records_the_file_and_goes_on(tmp_path):
+    import json
+
+    from cli.main import predict_command
+
+    good = np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    root = _folder(tmp_path, {"a/0.png": good, "a/1.png": b"\x89PNG truncated", "b/2.png": good})
+    model = tmp_path / "models.py"
+    model.write_text(CONSTANT_MODEL)
+    args = ["--n", "20", "--batch", "20", "--quiet", "--model", f"{model}:build",
+            "--dataset", f"folder:{root}", "--out", str(tmp_path / "run")]
+    refused = CliRunner().invoke(predict_command, args, catch_exceptions=False)
+    assert refused.exit_code == 2 and str(root / "a" / "1.png") in refused.output
+    result = CliRunner().invoke(predict_command, [*args, "--skip-unreadable"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "run.tsv").read_text().splitlines()[1:]
+    assert [r.split("\t")[0] for r in rows] == ["0", "2"]
+    skipped = json.loads((tmp_path / "run.json").read_text())["skipped"]
+    assert list(skipped) == ["1"] and str(root / "a" / "1.png") in skipped["1"]
+
+
+def test_denoise_skip_unreadable_draws_the_other_images(tmp_path, monkeypatch):
+    import cli.denoise
+
+    class Identity(torch.nn.Module):  # the test is about the images, not the denoiser
+        def forward(self, noisy, sigma):
+            return noisy
+
+        def at(self, sigma):
+            return self
+
+    drawn = []
+    monkeypatch.setattr(cli.denoise, "build_denoiser", lambda *args: Identity())
+    monkeypatch.setattr(cli.denoise, "_draw", lambda columns, out: drawn.append(columns))
+    good = np.random.default_rng(6).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    root = _folder(tmp_path, {"a/0.png": b"junk", "a/1.png": good, "b/2.png": good})
+    args = ["--dataset", f"folder:{root}", "--indices", "0,1,2", "--sigmas", "0.5",
+            "--denoiser", "ffdnet", "--out", str(tmp_path / "grid.png")]
+    refused = CliRunner().invoke(cli.denoise.denoise_command, args, catch_exceptions=False)
+    assert refused.exit_code == 2 and str(root / "a" / "0.png") in refused.output
+    assert not drawn
+    result = CliRunner().invoke(cli.denoise.denoise_command, [*args, "--skip-unreadable"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"skipped index 0: cannot read image {root / 'a' / '0.png'}" in result.output
+    (columns,) = drawn
+    assert [title for title, _ in columns] == ["clean", "noisy σ=0.5", "ffdnet σ=0.5"]
+    clean = columns[0][1]
+    assert clean.shape[0] == 2  # images 1 and 2
+    assert torch.equal(clean[0], clean[1])  # both are `good`
+    only_junk = [*args[:3], "0", *args[4:], "--skip-unreadable"]
+    none_left = CliRunner().invoke(cli.denoise.denoise_command, only_junk, catch_exceptions=False)
+    assert none_left.exit_code == 2 and "could be read" in none_left.output

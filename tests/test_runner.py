@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from smoothing.core import Smooth
+from smoothing.noise import NOISE_SAMPLER
 from smoothing.runner import (
     COLUMNS,
     ResultFile,
@@ -145,7 +146,8 @@ def test_overwrite_replaces_the_results(tmp_path):
     run(Smooth(Linear(), 2, 0.25), make_dataset(), range(2), replaced,
         RunSettings(**SETTINGS), progress=False)
     assert len(replaced.tsv.read_text().splitlines()) == 3
-    assert json.loads(replaced.sidecar.read_text())["settings"] == {"case": "other"}
+    settings = json.loads(replaced.sidecar.read_text())["settings"]
+    assert settings == {"case": "other", "noise": NOISE_SAMPLER}
 
 
 def test_results_without_sidecar_are_refused(tmp_path):
