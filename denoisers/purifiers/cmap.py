@@ -68,6 +68,7 @@ from a mid timestep, after Lee & Kim 2023); that surrogate is not implemented he
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from denoisers.purifiers.base import PurifiedClassifier, check_gradient
-from denoisers.registry import CheckpointError, load_checkpoint, locate
+from denoisers.registry import (
+    CheckpointError,
+    UnreadableCheckpointError,
+    load_checkpoint,
+    locate,
+)
 
 # The consistency model trained on the digits by denoisers/train_digits_cm.py.
 BUNDLED_DIGITS_CM = Path(__file__).resolve().parents[1] / "weights" / "digits_cm"
@@ -157,6 +163,14 @@ class ConsistencyFunction(nn.Module):
         def load(path: str) -> tuple[Any, Any]:
             locate(path, UNET_CONFIGS)
             locate(path, SCHEDULER_CONFIGS)
+            # diffusers loads another scheduler's config into this class with only a
+            # warning; a DDPM's schedule is not a consistency model's: refuse it.
+            kind = CMStochasticIterativeScheduler.load_config(path, subfolder="scheduler")
+            if kind.get("_class_name") != "CMStochasticIterativeScheduler":
+                raise UnreadableCheckpointError(
+                    f"consistency model: {path} has a {kind.get('_class_name')} scheduler, "
+                    "not a CMStochasticIterativeScheduler (is it a consistency model?)"
+                )
             unet = UNet2DModel.from_pretrained(
                 path, subfolder="unet", use_safetensors=True, variant=variant,
                 **dtype_kwargs(dtype),
@@ -167,11 +181,6 @@ class ConsistencyFunction(nn.Module):
         unet, scheduler = load_checkpoint(
             load, checkpoint, what="consistency model", variant=variant
         )
-        if type(scheduler).__name__ != "CMStochasticIterativeScheduler":
-            raise CheckpointError(
-                f"consistency model {checkpoint}: scheduler is {type(scheduler).__name__}, "
-                "expected CMStochasticIterativeScheduler"
-            )
         return cls(unet, scheduler).to(device)
 
 
@@ -367,7 +376,8 @@ class CMAPPurifier(nn.Module):
                     first, second = first.detach(), second.detach()
                 if not z.requires_grad:
                     z.requires_grad_(True)
-                loss, _ = self.objective(z, target if keep else target.detach(), labels)
+                with _twice_differentiable(keep):
+                    loss, _ = self.objective(z, target if keep else target.detach(), labels)
                 if history is not None:
                     history.append(loss.detach())
                 # The examples' objectives are independent: the gradient of their sum is
@@ -469,6 +479,17 @@ class CMAPClassifier(PurifiedClassifier):
         batch, k = images.shape[:2]
         logits = self.classifier(images.flatten(0, 1)).view(batch, k, -1)
         return majority_vote(logits)
+
+
+def _twice_differentiable(needed: bool) -> contextlib.AbstractContextManager:
+    """Attention by SDPA's math kernel where a step's gradient must itself be differentiated:
+    the fused CPU/GPU kernels have no double backward (PyTorch raises "derivative for
+    ..._flash_attention..._backward is not implemented"); the math kernel is plain ops."""
+    if not needed:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def majority_vote(logits: torch.Tensor) -> torch.Tensor:
