@@ -227,8 +227,6 @@ def _check_attack_options(
     if name in AUTOATTACKS:
         if given("step_size"):
             raise click.UsageError(f"--step-size does not apply to {name}: APGD adapts its own")
-        if given("chunk") and sigma is None:
-            raise click.UsageError("--chunk needs --sigma")
         autoattack_module = _autoattack_module()
         autoattack_module.require_autoattack()
         recorded.update(step_size=None, restart_rule="AutoAttack's own",
