@@ -106,7 +106,7 @@ SIGMA_HELP = (
              "[_NORM_epsEPS]]",
 )
 @click.option("--attack", "attack_name", type=click.Choice(ATTACKS), default=None,
-              help="none (clean decision only), pgd (the base classifier), smoothadv (the "
+              help="none (x_adv = x), pgd (the base classifier), smoothadv (the "
                    "smoothed classifier; needs --sigma), or AutoAttack's apgd-ce, apgd-t, "
                    "autoattack (standard), autoattack-rand (needs the autoattack extra) "
                    "[default: pgd without --sigma, smoothadv with it].")
