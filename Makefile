@@ -50,8 +50,8 @@ demo-imagenet: $(IMAGENET_STAMP)
 # with it) and certified accuracy (n = 10,000) at L2 eps 0.5 and 1.0, for no defense, plain
 # smoothing at sigma 0.25 / 0.50, and denoised smoothing (the bundled digits DDPM as dds in
 # front of the clean CNN, sigma 0.25). Every 3rd test digit (150), every 18th (25) through
-# the denoiser, whose gradient costs ~100x the CNN's: about 12 min on 2 idle cores (see
-# docs/attacks.md). A rerun resumes the finished files.
+# the denoiser, whose gradient costs ~20x the CNN's: about 10 min of CPU time, one thread
+# per process (measured here: 9 min 58 s; see docs/attacks.md). A rerun resumes the files.
 ATTACK_OUT := runs/attack-digits
 ATTACK_THREADS ?= 1
 ATTACK_SUBSET := --skip 3 --threads $(ATTACK_THREADS) --quiet
