@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,14 @@ def _alpha(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
-def _common_options(default_n: int) -> Callable:
-    """Options shared by certify and predict."""
+SIGMA_HELP = "Noise level: the std of the Gaussian added in [0, 1] pixel space."
+
+
+def _common_options(
+    default_n: int, sigma_default: float | None = 0.25, sigma_help: str = SIGMA_HELP,
+    out_help: str = "[default: runs/MODE_MODEL[_DENOISER]_DATASET_SPLIT_sigmaSIGMA]",
+) -> Callable:
+    """Options shared by certify, predict and attack (attack: no default --sigma)."""
     options = [
         click.option("--model", default="digits", show_default=True,
                      help="Base classifier: a name (see --list-models), or your own "
@@ -70,9 +77,9 @@ def _common_options(default_n: int) -> Callable:
         click.option("--split", default="test", show_default=True, help="Dataset split."),
         click.option("--data-root", type=click.Path(file_okay=False),
                      help="Folder holding the datasets (not needed for digits)."),
-        click.option("--sigma", type=float, default=0.25, show_default=True,
-                     callback=positive("sigma"),
-                     help="Noise level: the std of the Gaussian added in [0, 1] pixel space."),
+        click.option("--sigma", type=float, default=sigma_default,
+                     show_default=sigma_default is not None, callback=positive("sigma"),
+                     help=sigma_help),
         click.option("--n", "--N", "n", type=int, default=default_n, show_default=True,
                      callback=positive("n"),
                      help="Noise samples per example (--N as in Cohen et al.'s certify.py)."),
@@ -105,8 +112,7 @@ def _common_options(default_n: int) -> Callable:
                      help="if2: timestep correction factor, t' = k * t (Eq. 8); 0 gives t' = 0."),
         *PROTOCOL_OPTIONS,
         click.option("--out", type=click.Path(dir_okay=False),
-                     help="Result path stem: writes OUT.tsv and OUT.json "
-                          "[default: runs/MODE_MODEL[_DENOISER]_DATASET_SPLIT_sigmaSIGMA]."),
+                     help=f"Result path stem: writes OUT.tsv and OUT.json {out_help}."),
         click.option("--overwrite", is_flag=True, help="Replace results made with other settings."),
         click.option("--skip-unreadable", is_flag=True,
                      help="Go on past an image file that cannot be decoded: it gets no row and "
@@ -191,8 +197,48 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+@dataclass
+class RunSetup:
+    """What certify, predict and attack build from the shared options before running."""
+
+    device: str
+    dataset: Any
+    classifier: torch.nn.Module  # --model as built
+    base: torch.nn.Module  # what is smoothed and attacked: the classifier or denoise+classify
+    smooth: Smooth | None  # None without --sigma (attack only)
+    indices: list[int]
+    stem: Path
+    row_settings: dict[str, Any]  # everything that decides a row: the JSON's `settings`
+    extra_record: dict[str, Any]  # recorded beside them, free to change on a resume
+    environment: dict[str, Any]
+
+
 def _execute(mode: str, options: dict[str, Any]) -> None:
     """Build data, model and smoothed classifier from the options, then run."""
+    setup = set_up_run(mode, options)
+    results = ResultFile(
+        setup.stem, mode, setup.row_settings, overwrite=options["overwrite"],
+        packages=RECORDED_PACKAGES, environment=setup.environment,
+    )
+    settings = RunSettings(
+        mode=mode, n=options["n"], n0=options.get("n0") or 0, alpha=options["alpha"],
+        batch_size=options["batch"], seed=options["seed"], device=setup.device,
+    )
+    guarded_run(results, lambda: run(
+        setup.smooth, setup.dataset, setup.indices, results, settings,
+        extra_record=setup.extra_record, progress=not options["quiet"],
+        skip_errors=(UnreadableImageError,) if options["skip_unreadable"] else (),
+    ))
+    _report(mode, results)
+
+
+def set_up_run(mode: str, options: dict[str, Any], stem_suffix: str = "") -> RunSetup:
+    """Check the shared options, build data and models, name the result and its settings.
+
+    Bad input is a CommandError (exit 2) before any file is touched. Without --sigma (the
+    attack command only) nothing is smoothed: `smooth` is None. `stem_suffix` ends the
+    default --out.
+    """
     for name in ("start", "skip", "max_examples"):
         minimum = 0 if name == "start" else 1
         if options[name] is not None and options[name] < minimum:
@@ -223,7 +269,11 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
             raise FileNotFoundError(f"--classifier-weights {weights}: no such file")
         model, model_source = _build_model(options, dataset, device)
         base, denoiser_settings = _with_denoiser(model, options, device)
-        smooth = Smooth(base, len(dataset.classes), options["sigma"], DTYPES[options["dtype"]])
+        smooth = None
+        if options["sigma"] is not None:
+            smooth = Smooth(
+                base, len(dataset.classes), options["sigma"], DTYPES[options["dtype"]]
+            )
         indices = select_indices(
             len(dataset), options["start"], options["skip"], options["max_examples"]
         )
@@ -236,9 +286,10 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
     denoiser = "" if options["denoiser"] == "none" else f"_{options['denoiser']}"
     dataset_name = options["dataset"].replace(":", "_").replace("/", "_")
     model_name = options["model"].replace(":", "_").replace("/", "_")
+    sigma = "" if options["sigma"] is None else f"_sigma{options['sigma']:g}"
     stem = options["out"] or (
-        f"runs/{mode}_{model_name}{denoiser}_{dataset_name}"
-        f"_{options['split']}_sigma{options['sigma']:g}"
+        f"runs/{mode}_{model_name}{denoiser}_{dataset_name}_{options['split']}{sigma}"
+        f"{stem_suffix}"
     )
     stem = Path(stem)
     if stem.suffix in (".tsv", ".json"):
@@ -257,28 +308,30 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
     )
     if model_source is not None:  # only then: runs made before this key existed still resume
         row_settings["model_source"] = model_source
-    results = ResultFile(
-        stem, mode, row_settings, overwrite=options["overwrite"], packages=RECORDED_PACKAGES,
-        environment={"device_name": _device_name(device), "git": _git_commit()},
-    )
-    settings = RunSettings(
-        mode=mode, n=options["n"], n0=options.get("n0") or 0, alpha=options["alpha"],
-        batch_size=options["batch"], seed=options["seed"], device=device,
-    )
     selection = {key: options[key] for key in ("start", "skip", "max_examples")}
     # Outside the settings: results do not depend on the micro-batch, so a resume with
     # another one is allowed. A size halved after running out of memory is not recorded.
     micro_batch = None if options["denoiser"] == "none" else options["micro_batch"] or "auto"
+    extra_record = {
+        "selection": selection, "data_root": options["data_root"], "micro_batch": micro_batch,
+        "threads": torch.get_num_threads(),
+        "weights_sha256": {
+            "classifier": _weight_digests(model),
+            "denoiser": _weight_digests(getattr(base, "denoiser", None)),
+        },
+    }
+    return RunSetup(
+        device=device, dataset=dataset, classifier=model, base=base, smooth=smooth,
+        indices=indices, stem=stem, row_settings=row_settings, extra_record=extra_record,
+        environment={"device_name": _device_name(device), "git": _git_commit()},
+    )
+
+
+def guarded_run(results: ResultFile, call: Callable[[], Any]) -> None:
+    """Run `call` (a dataset loop writing `results`), turning its failures into one message:
+    bad input exit 2, a model failing exit 1, Ctrl-C exit 130; finished rows are kept."""
     try:
-        run(smooth, dataset, indices, results, settings,
-            extra_record={"selection": selection, "data_root": options["data_root"],
-                          "micro_batch": micro_batch, "threads": torch.get_num_threads(),
-                          "weights_sha256": {
-                              "classifier": _weight_digests(model),
-                              "denoiser": _weight_digests(getattr(base, "denoiser", None)),
-                          }},
-            progress=not options["quiet"],
-            skip_errors=(UnreadableImageError,) if options["skip_unreadable"] else ())
+        call()
     except ResultFileError as error:
         raise CommandError(str(error)) from error
     except ValueError as error:  # bad input met while running (e.g. NaN in an image)
@@ -291,7 +344,6 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
             "the same command resumes from there", err=True,
         )
         sys.exit(130)  # the shell's code for a run stopped by Ctrl-C
-    _report(mode, results)
 
 
 def _build_model(

@@ -19,6 +19,9 @@ evaluation reuses the very noise the attack was optimized against.
   is computed chunk by chunk and equals the one-pass gradient.
 - `BPDA` and `EOT`: module wrappers for defenses that are not differentiable or are
   random (Athalye et al. 2018), to put in front of / around a model before attacking it.
+- `SmoothedSoftClassifier`: the smoothed soft classifier on fixed noise as a module of
+  log-probabilities, for attacks written for a classifier (AutoAttack) to attack the
+  smoothed one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from smoothing.core import NonFiniteOutputError, _generator_for
@@ -419,3 +423,68 @@ def _step_size(threat: ThreatModel, steps: int, step_size: float | None) -> floa
     if not (step_size > 0 and math.isfinite(step_size)):
         raise ValueError(f"step_size must be a positive finite number, got {step_size}")
     return float(step_size)
+
+
+class SmoothedSoftClassifier(nn.Module):
+    """The smoothed soft classifier of `model` on fixed noise, as log-probabilities.
+
+    forward(x [B, C, H, W]) = log((1/m) sum_i softmax(model(x_b + noise_i))) per class,
+    [B, K], for the m draws of `noise` [m, C, H, W] (the same draws for every example of
+    the batch and every call: draw them once per example, e.g. with `draw_noise`, from the
+    attack's own generator). These are log-probabilities, so cross-entropy on them is
+    SmoothAdv's objective -log((1/m) sum_i softmax(model(x + noise_i))_y): a library attack
+    that maximizes cross-entropy of "logits" (AutoAttack's APGD-CE) attacks the smoothed
+    classifier through it.
+
+    `chunk` noise draws per example go through the model at once (all m if None). With
+    chunks, each chunk runs under activation checkpointing (torch.utils.checkpoint), so the
+    backward pass recomputes one chunk at a time and memory is bounded by a chunk, as in
+    `smoothed_log_probability`; the value and gradient do not depend on `chunk`. A model
+    that draws randomness of its own would draw it again in that recomputation: give such
+    a model no `chunk`.
+    """
+
+    def __init__(self, model: nn.Module, noise: torch.Tensor, chunk: int | None = None):
+        super().__init__()
+        if not isinstance(noise, torch.Tensor) or noise.dim() < 2:
+            raise ValueError("noise must be a tensor [m, C, H, W]")
+        if chunk is not None:
+            _check_positive_int(chunk=chunk)
+            if getattr(model, "random", False) and chunk < noise.shape[0]:
+                raise ValueError(
+                    "a random model would redraw its randomness when a chunk is recomputed; "
+                    "use chunk=None"
+                )
+        self.model = model
+        self.noise = noise
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.noise.shape[0]
+        if x.shape[1:] != self.noise.shape[1:]:
+            raise ValueError(
+                f"noise of shape {tuple(self.noise.shape)} does not fit x {tuple(x.shape)}"
+            )
+        chunk = m if self.chunk is None else self.chunk
+        log_total = None
+        for start in range(0, m, chunk):
+            draws = self.noise[start : start + chunk]
+            if chunk < m and torch.is_grad_enabled():
+                log_chunk = torch.utils.checkpoint.checkpoint(
+                    self._log_sum_softmax, x, draws, use_reentrant=False
+                )
+            else:
+                log_chunk = self._log_sum_softmax(x, draws)
+            log_total = log_chunk if log_total is None else torch.logaddexp(log_total, log_chunk)
+        return log_total - math.log(m)
+
+    def _log_sum_softmax(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """log sum_i softmax(model(x_b + draws_i)) per example and class: [B, K]."""
+        size = draws.shape[0]
+        logits = self.model((x.unsqueeze(1) + draws.unsqueeze(0)).flatten(0, 1))
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise ValueError("the model must return logits [B, K]")
+        if logits.shape[0] != x.shape[0] * size:
+            raise ValueError(f"expected logits [{x.shape[0] * size}, K], got {tuple(logits.shape)}")
+        log_p = F.log_softmax(logits, dim=1).view(x.shape[0], size, -1)
+        return torch.logsumexp(log_p, dim=1)

@@ -17,7 +17,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -36,13 +36,17 @@ try:
 except ImportError:  # Windows: no flock; results are not locked there
     fcntl = None
 
-Mode = Literal["certify", "predict"]
+Mode = Literal["certify", "predict", "attack"]
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "certify": ("idx", "label", "predict", "radius", "correct", "time"),
     # Cohen's predict columns, then the base classifier's clean prediction, which
     # seed 004 (App. A.3) uses to score abstentions for empirical clean accuracy.
     "predict": ("idx", "label", "predict", "correct", "time", "base_predict", "clean_correct"),
+    # The decision on the attacked input, the same decision on the clean input (seed 004's
+    # clean accuracy), and the perturbation's norms rounded UP (see smoothing.attack_runner).
+    "attack": ("idx", "label", "predict", "correct", "time", "clean_predict", "clean_correct",
+               "l2", "linf"),
 }
 
 # Radii are written rounded DOWN to this many decimals: a written certificate
@@ -54,19 +58,35 @@ class ResultFileError(ValueError):
     """The result files cannot be used as asked (other settings, unwritable, malformed)."""
 
 
-def example_seed(seed: int, index: int) -> int:
+# The streams of one example's randomness, each its own generator (see example_seed).
+STREAM_CLEAN, STREAM_ATTACK, STREAM_ADVERSARIAL, STREAM_DEFENSE = 0, 1, 2, 3
+
+
+def example_seed(seed: int, index: int, stream: int = 0) -> int:
     """The one seeding rule: a 64-bit seed for example `index` of a run seeded with `seed`.
 
-    Both must be integers >= 0 (numpy's SeedSequence takes non-negative entropy only)."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    `stream` separates independent uses of randomness within one example: 0 is the
+    evaluation of the clean input (certify, predict, and an attack file's clean columns),
+    1 the attack's own randomness, 2 PREDICT on the attacked input, 3 a random defense's
+    randomness. Stream 0 is SeedSequence([seed, index]), the rule from before streams
+    existed, so certify and predict results are unchanged; stream s > 0 is
+    SeedSequence([seed, index, s]). All must be integers >= 0 (numpy's SeedSequence takes
+    non-negative entropy only)."""
+    if seed < 0 or index < 0 or stream < 0:
+        raise ValueError(
+            f"seed, index and stream must be >= 0, got seed={seed}, index={index}, "
+            f"stream={stream}"
+        )
+    entropy = [seed, index] if stream == 0 else [seed, index, stream]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 32 | int(state[1])
 
 
-def example_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
+def example_generator(
+    seed: int, index: int, device: torch.device | str, stream: int = 0
+) -> torch.Generator:
     generator = torch.Generator(device=device)
-    generator.manual_seed(example_seed(seed, index))
+    generator.manual_seed(example_seed(seed, index, stream))
     return generator
 
 
@@ -404,6 +424,30 @@ def run(
     An example whose computation raises one of `skip_errors` (e.g. an unreadable image)
     gets no row; its index and the error are recorded in the sidecar's `skipped`.
     """
+    accuracy = "certified acc" if settings.mode == "certify" else "smoothed acc"
+    return run_rows(
+        lambda index: _one_example(smooth, dataset, index, settings), indices, results,
+        extra_record=extra_record, progress=progress, skip_errors=skip_errors,
+        description=settings.mode, accuracy_name=accuracy,
+    )
+
+
+def run_rows(
+    compute_row: Callable[[int], dict[str, Any]],
+    indices: Sequence[int],
+    results: ResultFile,
+    *,
+    extra_record: dict[str, Any] | None = None,
+    progress: bool = True,
+    skip_errors: tuple[type[Exception], ...] = (),
+    description: str = "run",
+    accuracy_name: str = "acc",
+) -> ResultFile:
+    """The dataset loop of every mode: open `results`, compute and append the row of each
+    index not already done, skip what raises one of `skip_errors`, close.
+
+    `compute_row(index)` returns the row's columns (`correct` among them, for the bar).
+    """
     results.open(extra_record or {})
     todo = [i for i in indices if i not in results.done]
     wanted = set(indices)
@@ -412,12 +456,12 @@ def run(
     finished = False
     bar = tqdm(
         total=len(indices), initial=processed, unit="img",
-        desc=settings.mode, disable=not progress, dynamic_ncols=True,
+        desc=description, disable=not progress, dynamic_ncols=True,
     )
     try:
         for index in todo:
             try:
-                row = _one_example(smooth, dataset, index, settings)
+                row = compute_row(index)
             except skip_errors as error:
                 results.skip(index, str(error))
                 bar.update(1)
@@ -427,8 +471,7 @@ def run(
             processed += 1
             bar.update(1)
             bar.set_postfix_str(
-                f"{'certified' if settings.mode == 'certify' else 'smoothed'} acc "
-                f"{correct / processed:.3f}",
+                f"{accuracy_name} {correct / processed:.3f}",
                 refresh=False,  # the bar redraws at its own pace, not once per image
             )
         finished = True
