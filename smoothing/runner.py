@@ -42,6 +42,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     # Cohen's predict columns, then the base classifier's clean prediction, which
     # seed 004 (App. A.3) uses to score abstentions for empirical clean accuracy.
     "predict": ("idx", "label", "predict", "correct", "time", "base_predict", "clean_correct"),
+    "attack": ("idx", "label", "predict", "correct", "time",
+               "clean_predict", "clean_correct", "l2", "linf"),
 }
 
 # Radii are written rounded DOWN to this many decimals: a written certificate
