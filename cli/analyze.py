@@ -183,7 +183,7 @@ def _refuse_certify_options(radii: list[float] | None, plot_stem: str | None, wh
     for name, value in (("--radii", radii), ("--plot", plot_stem)):
         if value is not None:
             raise click.UsageError(
-                f"{name} is about certified radii of CERTIFY files; {what} take no {name} "
+                f"{name} is about the certified radii of CERTIFY files, not for {what} "
                 "(certified accuracy at eps comes with --certified)"
             )
 

@@ -1,4 +1,7 @@
-"""Summaries of CERTIFY result files: ACR, certified accuracy at radii, curves, tables, plots.
+"""Summaries of result files: ACR, certified and empirical accuracy, curves, tables, plots.
+
+CERTIFY files
+-------------
 
 A result file is a tab-separated table with a header row and Cohen et al.'s columns
 ``idx label predict radius correct time`` (extra columns may follow, in any order; columns are
@@ -14,6 +17,22 @@ abstention (predict -1, correct 0, radius 0) or a wrong prediction counts as not
 A PREDICT output (no ``radius`` column) is rejected with a ValueError saying so: it carries no
 certificate, and silently reporting its clean accuracy as "certified accuracy at 0" would mix
 two different quantities.
+
+Attack files
+------------
+An attack result (``attack`` command) has the columns ``idx label predict correct time
+clean_predict clean_correct l2 linf`` and a JSON sidecar (``mode = "attack"``) whose settings
+give the threat model (attack, norm, eps; none for ``--attack none``) and sigma. Over all rows:
+
+- empirical robust accuracy: mean of ``correct`` (the decision on the attacked input; an
+  abstention is not robust);
+- empirical clean accuracy: mean of ``clean_correct`` (Choi et al. 2024, App. A.3: a clean
+  abstention is scored by the base classifier),
+
+each with its two-sided 95% Clopper-Pearson interval (statsmodels, ``method="beta"``). A file
+whose sidecar is missing or gives no threat model, or with a row outside it
+(`perturbation_bound`), is refused. `combined_table` pairs attack files with CERTIFY files of
+the same examples into the "robust (certified)" layout of Choi et al. (2024), Tables 1-4.
 
 matplotlib is imported inside `plot_certified_accuracy` only, so the engine does not depend on
 plotting at import time.
@@ -584,10 +603,11 @@ def load_attack_results(path: str | Path) -> AttackResults:
         outside = np.flatnonzero(results.perturbation > bound)
         if outside.size:
             i = outside[0]
+            shown = format_eps(eps, norm)
             raise ValueError(
                 f"{path}: idx {idx[i]} has {norm} perturbation {results.perturbation[i]:.6f} > "
-                f"eps {eps:g} (tolerance: up to {bound:.7f}); the attack left the threat model "
-                f"({outside.size} row(s) outside), so its accuracy is not at eps {eps:g}"
+                f"eps {shown} (accepted up to {bound:.7f}); the attack left the threat model "
+                f"({outside.size} row(s) outside), so its accuracy is not at eps {shown}"
             )
     # correct = [predict == label]; clean_correct too, except after a clean abstention, which
     # the base classifier's prediction (not in the file) scores (Choi et al. 2024, App. A.3).
