@@ -197,7 +197,8 @@ def autoattack(
         x_adv, _ = adversary.run_standard_evaluation(
             library_x, y.detach().to(library_x.device), batch_size=x.shape[0]
         )
-    return _inside_threat_model(threat, x_adv.detach().to(x.device), x.detach())
+    x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)  # float32 -> x's dtype
+    return _inside_threat_model(threat, x_adv, x.detach())
 
 
 def _build(

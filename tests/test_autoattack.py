@@ -219,6 +219,17 @@ def test_the_result_lies_in_the_ball_and_the_box(attack, norm):
 
 
 @needs_library
+def test_a_float64_batch_comes_back_in_float64_inside_the_ball():
+    # the library attacks in float32; the result is cast back and checked in float64
+    model, x, y, v = binary_at_distances(0, "l2", [-0.1, 0.2])
+    x = x.double()
+    x_adv = autoattack(model, x, y, attack="apgd-ce", norm="l2", eps=0.25, seed=0)
+    assert x_adv.dtype == torch.float64
+    assert (predicted(model, x_adv.float()) != y).all()
+    assert bool((norms(x_adv - x, "l2") <= 0.25 * (1 + 1e-5)).all())
+
+
+@needs_library
 def test_float_rounding_excess_is_projected_and_more_is_refused(monkeypatch):
     import pyautoattack
 
