@@ -272,6 +272,9 @@ def main() -> None:
         "denoised_smoothing": denoised, "engine_memory": memory,
         "noise_sampler": None if args.only_denoised else noise_cost(args.repeats),
     }
+    from bench.attacks import attack_overhead  # imported here: it imports this module
+
+    record["attacks"] = [] if args.only_denoised else attack_overhead(args.repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     if rows:
