@@ -10,6 +10,7 @@ denoiser, device, seed and result options as certify; the loop is
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 from typing import Any
@@ -30,6 +31,8 @@ from cli.main import (
 )
 from cli.options import positive
 from cli.protocol_options import given
+from denoisers.purifiers import ATTACK_GRADIENTS, PURIFIERS, build_purifier
+from denoisers.registry import CheckpointError
 from smoothing.attack_runner import (
     THREAT_TOLERANCE,
     Attack,
@@ -41,6 +44,7 @@ from smoothing.attack_runner import (
     with_restarts,
 )
 from smoothing.attacks import (
+    EOT,
     NORMS,
     SmoothedSoftClassifier,
     ThreatModel,
@@ -126,6 +130,19 @@ SIGMA_HELP = (
 @click.option("--chunk", type=click.IntRange(min=1), default=None,
               help="Noise draws per forward pass in the attack, out of --m-test (memory, not "
                    "results) [default: all of them].")
+@click.option("--purifier", type=click.Choice(PURIFIERS.names()), default=None,
+              help="An empirical defense in front of --model (seeds 000-003, docs/purifiers.md); "
+                   "exclusive with --denoiser and --sigma.")
+@click.option("--gradient", type=click.Choice(ATTACK_GRADIENTS), default="exact",
+              help="The purifier's backward pass: exact (autograd through everything), "
+                   "official (what the authors' code back-propagates), bpda (identity), or "
+                   "blind (attack --model alone, evaluate it purified).")
+@click.option("--eot", type=click.IntRange(min=1), default=1,
+              help="Average the attack's gradient over this many draws of a random purifier "
+                   "(Athalye et al.'s EOT).")
+@click.option("--purifier-option", "purifier_options", multiple=True, metavar="KEY=VALUE",
+              help="A hyperparameter of the purifier (VALUE read as JSON, else as text), e.g. "
+                   "steps=20 or checkpoint=path/to/model; repeat for several.")
 def attack_command(**options: Any) -> None:
     """Attack each example and decide on the attacked input: empirical robust accuracy,
     an upper bound where a certificate is a lower one.
@@ -135,11 +152,19 @@ def attack_command(**options: Any) -> None:
     every setting to OUT.json. A rerun with the same settings resumes where it stopped.
     """
     attack_name, threat, attack_settings = _check_attack_options(options)
+    purifier_options = _check_purifier_options(options)
     sigma = options["sigma"]
     suffix = f"_{attack_name}" + ("" if threat is None else f"_{threat.norm}_eps{threat.eps:g}")
+    if options["purifier"] is not None:
+        suffix = f"_{options['purifier']}_{options['gradient']}{suffix}"
     setup = set_up_run("attack", options, stem_suffix=suffix)
+    evaluated, attacked = setup.base, setup.base
+    if options["purifier"] is not None:
+        evaluated, attacked, record = _purified(setup.base, options, purifier_options,
+                                                setup.device)
+        setup.row_settings["purifier"] = record
     if threat is not None:
-        _check_gradients(setup.base, _first_image(setup.dataset, options), setup.device,
+        _check_gradients(attacked, _first_image(setup.dataset, options), setup.device,
                          threat, attack_name)
     if sigma is None:  # PREDICT's settings: nothing decides by them without --sigma
         setup.row_settings.update(n=None, alpha=None, batch=None)
@@ -155,12 +180,12 @@ def attack_command(**options: Any) -> None:
         alpha=options["alpha"], batch_size=options["batch"],
         autocast_dtype=DTYPES[options["dtype"]],
     )
-    attack = _build_attack(attack_name, setup.base, threat, options, attack_settings)
+    attack = _build_attack(attack_name, attacked, threat, options, attack_settings)
 
     def call() -> None:
         try:
             run_attack(
-                setup.base, attack, setup.dataset, setup.indices, results, settings,
+                evaluated, attack, setup.dataset, setup.indices, results, settings,
                 smooth=setup.smooth, extra_record=setup.extra_record,
                 progress=not options["quiet"],
                 skip_errors=(UnreadableImageError,) if options["skip_unreadable"] else (),
@@ -237,6 +262,75 @@ def _check_attack_options(
             restart_rule=RESTART_RULE if restarts > 1 else None,
         )
     return name, threat, recorded
+
+
+def _check_purifier_options(options: dict[str, Any]) -> dict[str, Any]:
+    """--purifier-option KEY=VALUE pairs as keywords; refuses what cannot go with a purifier."""
+    purifier_flags = [f for f in ("gradient", "eot", "purifier_options") if given(f)]
+    if options["purifier"] is None:
+        if purifier_flags:
+            shown = ", ".join("--" + f.replace("_options", "_option").replace("_", "-")
+                              for f in purifier_flags)
+            raise click.UsageError(f"{shown} configure a purifier: give --purifier")
+        return {}
+    if options["denoiser"] != "none":
+        raise click.UsageError("--purifier and --denoiser are exclusive: one defense at a time")
+    if options["sigma"] is not None:
+        raise click.UsageError(
+            "--purifier with --sigma: the purifiers are empirical defenses evaluated on their "
+            "own (seeds 000-003); drop --sigma"
+        )
+    parsed: dict[str, Any] = {}
+    for pair in options["purifier_options"]:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}",
+                                     param_hint="--purifier-option")
+        if key in ("classifier", "gradient"):
+            raise click.BadParameter(f"{key} is set by --model / --gradient, not here",
+                                     param_hint="--purifier-option")
+        try:
+            parsed[key] = json.loads(text)
+        except json.JSONDecodeError:
+            parsed[key] = text
+    return parsed
+
+
+def _purified(
+    classifier: torch.nn.Module, options: dict[str, Any], hyperparameters: dict[str, Any],
+    device: str,
+) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
+    """(the model evaluated, the model attacked, the record) of --purifier.
+
+    blind: the attack sees the classifier alone and the purified model is evaluated (its
+    own backward is then never used: built with bpda, which needs no second-order graph).
+    """
+    gradient, eot = options["gradient"], options["eot"]
+    try:
+        purified = build_purifier(
+            options["purifier"], classifier=classifier,
+            gradient="bpda" if gradient == "blind" else gradient, device=device,
+            **hyperparameters,
+        )
+    except (ValueError, CheckpointError, TypeError) as error:
+        raise CommandError(f"--purifier {options['purifier']}: {error}") from error
+    if gradient == "blind":
+        if eot > 1:
+            raise click.UsageError("--eot averages the purifier's randomness: not with blind")
+        attacked = purified.classifier
+    else:
+        attacked = EOT(purified, eot) if eot > 1 else purified
+        if purified.random and eot == 1:
+            click.echo(f"note: {options['purifier']} is random; an attack without --eot sees "
+                       "one draw of it per step", err=True)
+    record = {
+        "name": options["purifier"], "gradient": gradient, "eot": eot,
+        "options": hyperparameters, "random": purified.random,
+        # what the builder says decides its output; default=str for non-JSON values
+        "settings": json.loads(json.dumps(purified.settings, default=str)),
+    }
+    return purified, attacked, record
 
 
 def _autoattack_module():

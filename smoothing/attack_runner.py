@@ -268,7 +268,9 @@ def _decide(
     return prediction, smooth.base_predict(x[0])
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: a purifier optimizes inside its forward pass (under
+# enable_grad), which inference tensors would forbid.
+@torch.no_grad()
 def _base_prediction(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> int:
     if dtype is None:
         logits = model(x)

@@ -316,3 +316,18 @@ def test_smoothadv_at_eps_never_beats_certify_above_eps_on_the_digits(tmp_path):
     assert violations <= allowed_violations(len(above))
     # and the attack has teeth at this eps: the attacked examples are not all untouched
     assert all(float(r["l2"]) > 0.9 * eps for r in rows(attacked))
+
+
+def test_autoattack_through_the_command_is_recorded_and_reproducible(tmp_path):
+    pytest.importorskip("pyautoattack", reason="the autoattack extra (pyautoattack) is missing")
+    args = ["--model", "digits-clean", "--quiet", "--threads", "1", "--max", "3",
+            "--attack", "apgd-ce", "--eps", "0.5", "--steps", "10"]
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert attack(*args, "--out", str(first)).exit_code == 0
+    assert attack(*args, "--out", str(second)).exit_code == 0
+    assert without_time(rows(first)) == without_time(rows(second))
+    recorded = sidecar(first)["settings"]
+    assert recorded["attack"] == "apgd-ce"
+    assert recorded["autoattack"]["attacks_to_run"] == ["apgd-ce"]
+    assert recorded["autoattack"]["n_iter"] == 10
+    assert all(float(r["l2"]) <= 0.5 + 1e-6 for r in rows(first))
