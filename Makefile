@@ -90,6 +90,14 @@ test-slow: $(STAMP) $(IMAGENET_STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --out runs/bench.json
 
+# Per-image cost of each purifier against one forward pass of its classifier (tiny models
+# and the digits CNN on the CPU; docs/purifiers/*.md give the figures).
+bench-purifiers: $(STAMP)
+	$(BIN)/python -m bench.purifier_zeropur
+	$(BIN)/python -m bench.purifier_clipure
+	$(BIN)/python -m bench.purifier_cmap
+	$(BIN)/python -m bench.purifier_lgap
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
