@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_RUNS := runs/demo/digits_sigma0.25.tsv runs/demo/digits_sigma0.50.tsv
 DEMO_LABELS := "sigma=0.25,sigma=0.50"
 
-.PHONY: demo demo-imagenet attack-digits test test-slow bench lint clean
+.PHONY: demo demo-imagenet attack-digits test test-slow bench bench-purifiers lint clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
