@@ -18,6 +18,7 @@ import click
 import torch
 
 from classifiers.datasets import UnreadableImageError
+from cli import distributed
 from cli.errors import CommandError
 from cli.main import (
     DTYPES,
@@ -137,6 +138,7 @@ def attack_command(**options: Any) -> None:
     attack_name, threat, attack_settings = _check_attack_options(options)
     sigma = options["sigma"]
     suffix = f"_{attack_name}" + ("" if threat is None else f"_{threat.norm}_eps{threat.eps:g}")
+    group = distributed.join(options)  # under torchrun: this rank's device
     setup = set_up_run("attack", options, stem_suffix=suffix)
     if threat is not None:
         _check_gradients(setup.base, _first_image(setup.dataset, options), setup.device,
@@ -146,6 +148,7 @@ def attack_command(**options: Any) -> None:
     setup.row_settings.update(attack_settings)
     setup.extra_record.update(chunk=options["chunk"], streams=STREAMS,
                               threat_tolerance=THREAT_TOLERANCE)
+    merged_stem = distributed.shard(group, "attack", setup)  # this rank's share and shard
     results = ResultFile(
         setup.stem, "attack", setup.row_settings, overwrite=options["overwrite"],
         packages=RECORDED_PACKAGES, environment=setup.environment,
@@ -168,8 +171,9 @@ def attack_command(**options: Any) -> None:
         except AttackOutsideThreatModelError as error:
             raise click.ClickException(f"{error} (a bug: please report it)") from error
 
-    guarded_run(results, call)
-    _report(results, smoothed=sigma is not None)
+    reported = distributed.run(group, lambda: guarded_run(results, call), "attack",
+                               merged_stem, results, setup.extra_record)
+    _report(reported, smoothed=sigma is not None)
 
 
 def _check_attack_options(
