@@ -68,7 +68,7 @@ def check_foreign_shards(stem: Path, world_size: int) -> None:
         raise ResultFileError(
             f"{stem.parent / first}.tsv is a shard of a run over {foreign[first]} processes, "
             f"this run has {world_size}; nothing was changed. Rerun with that number of "
-            "processes, merge those shards (merge_results), or move them away "
+            "processes, merge those shards (merge-results), or move them away "
             f"({', '.join(sorted(foreign))})."
         )
 

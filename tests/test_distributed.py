@@ -275,3 +275,65 @@ def test_a_rank_with_other_settings_is_refused_on_every_rank_before_any_file(tmp
                "(settings.n0: 10 on rank 0, 20 there)" in stderr
         assert stderr.count("Error:") == 1
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# ---------------------------------------------------------------- merge-results (job arrays)
+
+
+def _invoke(command, *args: str):
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(command, list(args), catch_exceptions=False)
+
+
+def test_merge_results_joins_job_array_tasks_into_the_rows_of_one_run(tmp_path):
+    import torch
+
+    from cli.main import certify_command
+    from cli.merge import merge_command
+
+    torch.set_num_threads(1)
+    base = ["--n", "40", "--n0", "10", "--batch", "40", "--quiet"]
+    assert _invoke(certify_command, *base, "--skip", "45", "--out",
+                   str(tmp_path / "single")).exit_code == 0
+    # two array tasks: --start 0 and 45, --skip 90 (what $SLURM_ARRAY_TASK_ID would set)
+    for task, start in enumerate((0, 45)):
+        done = _invoke(certify_command, *base, "--start", str(start), "--skip", "90", "--out",
+                       str(tmp_path / f"task{task}"))
+        assert done.exit_code == 0, done.output
+    done = _invoke(merge_command, str(tmp_path / "all"), str(tmp_path / "task1.tsv"),
+                   str(tmp_path / "task0.tsv"))
+    assert done.exit_code == 0, done.output
+    assert "10 rows from 2 files" in done.output
+    assert without_time(tmp_path / "all.tsv") == without_time(tmp_path / "single.tsv")
+    record = json.loads((tmp_path / "all.json").read_text())
+    assert [s["selection"]["start"] for s in record["merged_from"]] == [45, 0]
+    assert record["settings"] == json.loads((tmp_path / "single.json").read_text())["settings"]
+
+    # a task run with other settings is refused, naming it; nothing is written
+    assert _invoke(certify_command, *base[:1], "50", *base[2:], "--start", "1", "--skip",
+                   "90", "--out", str(tmp_path / "other")).exit_code == 0
+    before = (tmp_path / "all.tsv").read_text()
+    done = _invoke(merge_command, str(tmp_path / "again"), str(tmp_path / "task0.tsv"),
+                   str(tmp_path / "other.tsv"))
+    assert done.exit_code == 2
+    assert "other.tsv was made with other settings (n: 50 -> 40)" in done.output
+    assert not (tmp_path / "again.tsv").exists() and not (tmp_path / "again.json").exists()
+    assert (tmp_path / "all.tsv").read_text() == before
+
+
+def test_merge_results_refuses_files_it_cannot_vouch_for(tmp_path):
+    from cli.merge import merge_command
+
+    cohen = tmp_path / "cohen.tsv"  # the reference implementation writes no settings file
+    cohen.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:00:01\n")
+    done = _invoke(merge_command, str(tmp_path / "out"), str(cohen))
+    assert done.exit_code == 2 and "cohen.tsv has no settings file (cohen.json)" in done.output
+    _write(tmp_path / "a", [0], world=None)
+    done = _invoke(merge_command, str(tmp_path / "a.tsv"), str(tmp_path / "a.tsv"))
+    assert done.exit_code == 2 and "is also one of the FILEs" in done.output
+    _write(tmp_path / "b", [1], world=None, finished=False)
+    done = _invoke(merge_command, str(tmp_path / "out"), str(tmp_path / "a.tsv"),
+                   str(tmp_path / "b.tsv"))
+    assert done.exit_code == 2 and "b.tsv is not finished (1 rows)" in done.output
+    assert not list(tmp_path.glob("out*"))
