@@ -173,7 +173,8 @@ def attack_command(**options: Any) -> None:
 
     reported = distributed.run(group, lambda: guarded_run(results, call), "attack",
                                merged_stem, results, setup.extra_record)
-    _report(reported, smoothed=sigma is not None)
+    if reported is not None:  # None on torchrun ranks other than 0
+        _report(reported, smoothed=sigma is not None)
 
 
 def _check_attack_options(

@@ -213,7 +213,13 @@ def join(options: dict[str, Any]) -> ProcessGroup | None:
 def shard(group: ProcessGroup | None, mode: str, setup: Any) -> Path | None:
     """Under torchrun, turn `setup` (once its row settings are final) into this rank's share
     and return the merged stem; without torchrun change nothing and return None."""
-    return None if group is None else group.shard(mode, setup)
+    if group is None:
+        return None
+    try:
+        return group.shard(mode, setup)
+    except BaseException:
+        group.close()
+        raise
 
 
 def exit_cleanly(group: ProcessGroup | None) -> None:
@@ -225,9 +231,10 @@ def exit_cleanly(group: ProcessGroup | None) -> None:
 def run(
     group: ProcessGroup | None, call: Callable[[], Any], mode: str, stem: Path | None,
     results: ResultFile, extra_record: dict[str, Any],
-) -> ResultFile:
+) -> ResultFile | None:
     """Run `call` (the dataset loop writing `results`); under torchrun check every rank's
-    files first, then merge. Returns the result to report: the merged one on rank 0."""
+    files first, then merge. Returns the result to report: `results` without torchrun, the
+    merged one on rank 0, None on the other ranks (rank 0 alone reports)."""
     if group is None:
         call()
         return results
@@ -238,9 +245,10 @@ def run(
                               environment=results.environment)
 
         group.check(copy(results.stem), copy(stem))
-        return group.run_and_merge(
+        merged = group.run_and_merge(
             call, mode, stem, results, results.overwrite, results.packages,
             results.environment, extra_record,
         )
+        return merged if group.rank == 0 else None
     finally:
         exit_cleanly(group)

@@ -233,7 +233,8 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         extra_record=setup.extra_record, progress=not options["quiet"],
         skip_errors=(UnreadableImageError,) if options["skip_unreadable"] else (),
     )), mode, merged_stem, results, setup.extra_record)
-    _report(mode, reported)
+    if reported is not None:  # None on torchrun ranks other than 0
+        _report(mode, reported)
 
 
 def set_up_run(mode: str, options: dict[str, Any], stem_suffix: str = "") -> RunSetup:

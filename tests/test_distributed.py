@@ -337,3 +337,73 @@ def test_merge_results_refuses_files_it_cannot_vouch_for(tmp_path):
                    str(tmp_path / "b.tsv"))
     assert done.exit_code == 2 and "b.tsv is not finished (1 rows)" in done.output
     assert not list(tmp_path.glob("out*"))
+
+
+# ---------------------------------------------------------------- start-up refusals, 1 rank
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """This process as rank 0 of a torchrun of one (the group is set up in-process)."""
+    import torch.distributed as dist
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)
+    yield
+    initialized = dist.is_initialized()
+    if initialized:
+        dist.destroy_process_group()
+    assert not initialized, "the command left its process group behind"
+
+
+def test_result_files_that_would_be_refused_stop_the_run_before_any_work(tmp_path, monkeypatch,
+                                                                         one_rank):
+    import torch
+
+    from cli.main import certify_command
+    from smoothing.core import Smooth
+
+    torch.set_num_threads(1)
+    base = ["--n", "40", "--n0", "10", "--batch", "40", "--quiet", "--max", "2"]
+    with monkeypatch.context() as unlaunched:  # a one-process run into OUT first
+        unlaunched.delenv("RANK")
+        assert _invoke(certify_command, *base, "--out", str(tmp_path / "out")).exit_code == 0
+    before = (tmp_path / "out.tsv").read_bytes()
+    calls = []
+    monkeypatch.setattr(Smooth, "certify", lambda *a, **k: calls.append(1))
+    done = _invoke(certify_command, *base[:1], "50", *base[2:], "--out", str(tmp_path / "out"))
+    assert done.exit_code == 2
+    assert "rank 0: " in done.output and "out.tsv was made with other settings (n: 40 -> 50)" \
+        in done.output
+    assert (tmp_path / "out.tsv").read_bytes() == before and calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.tsv"]
+
+    # shards of a run over 3 processes lie beside OUT: refused by name before any work
+    _write(tmp_path / "other.rank2-of-3", [4], rank=2, world=3)
+    done = _invoke(certify_command, *base, "--out", str(tmp_path / "other"))
+    assert done.exit_code == 2
+    assert "other.rank2-of-3.tsv is a shard of a run over 3 processes, this run has 1" \
+        in done.output
+    assert calls == [] and not (tmp_path / "other.tsv").exists()
+    assert not (tmp_path / "other.rank0-of-1.tsv").exists()
+
+
+def test_one_rank_of_one_writes_its_shard_and_the_merged_rows_of_a_plain_run(tmp_path,
+                                                                           monkeypatch,
+                                                                           one_rank):
+    import torch
+
+    from cli.main import predict_command
+
+    torch.set_num_threads(1)
+    base = ["--n", "40", "--batch", "40", "--quiet", "--max", "3"]
+    with monkeypatch.context() as unlaunched:
+        unlaunched.delenv("RANK")
+        assert _invoke(predict_command, *base, "--out", str(tmp_path / "plain")).exit_code == 0
+    done = _invoke(predict_command, *base, "--out", str(tmp_path / "ranked"))
+    assert done.exit_code == 0, done.output
+    assert "wrote " + str(tmp_path / "ranked.tsv") + " (3 rows)" in done.output
+    assert without_time(tmp_path / "ranked.tsv") == without_time(tmp_path / "plain.tsv")
+    assert without_time(tmp_path / "ranked.rank0-of-1.tsv") == without_time(
+        tmp_path / "plain.tsv")
