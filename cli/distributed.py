@@ -84,6 +84,13 @@ class ProcessGroup:
     def device(self, option: str) -> str:
         """--device auto or cuda means this rank's GPU, cuda:LOCAL_RANK, where CUDA exists."""
         if option in ("auto", "cuda") and torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            if self.local_rank >= count:
+                raise CommandError(
+                    f"rank {self.rank} has LOCAL_RANK {self.local_rank}, but this node has "
+                    f"{count} GPU(s): start at most {count} processes per node "
+                    "(--nproc-per-node), or give every rank the same --device cuda:K"
+                )
             return f"cuda:{self.local_rank}"
         return option
 

@@ -407,3 +407,20 @@ def test_one_rank_of_one_writes_its_shard_and_the_merged_rows_of_a_plain_run(tmp
     assert without_time(tmp_path / "ranked.tsv") == without_time(tmp_path / "plain.tsv")
     assert without_time(tmp_path / "ranked.rank0-of-1.tsv") == without_time(
         tmp_path / "plain.tsv")
+
+
+def test_a_rank_without_a_gpu_of_its_own_is_refused_by_name(monkeypatch):
+    import torch
+
+    from cli.distributed import ProcessGroup
+    from cli.errors import CommandError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    group = ProcessGroup(rank=5, world_size=6, local_rank=1)
+    assert group.device("auto") == "cuda:1" and group.device("cuda") == "cuda:1"
+    assert group.device("cpu") == "cpu" and group.device("cuda:0") == "cuda:0"
+    with pytest.raises(CommandError, match="rank 5 has LOCAL_RANK 2, but this node has 2"):
+        ProcessGroup(rank=5, world_size=6, local_rank=2).device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ProcessGroup(rank=5, world_size=6, local_rank=2).device("auto") == "auto"
