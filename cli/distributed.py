@@ -155,8 +155,8 @@ class ProcessGroup:
         overwrite: bool, packages: Any, environment: dict[str, Any],
         extra_record: dict[str, Any],
     ) -> ResultFile:
-        """Run this rank's shard, wait for all, and let rank 0 merge. Returns what this rank
-        reports: the merged file on rank 0, its shard elsewhere."""
+        """Run this rank's shard, wait for all, and let rank 0 merge. Returns the merged file
+        on rank 0, this rank's shard elsewhere. A failure on any rank fails every rank."""
         failure: BaseException | None = None
         try:
             call()
