@@ -19,6 +19,7 @@ import click
 import torch
 
 from classifiers.datasets import UnreadableImageError
+from cli import distributed
 from cli.errors import CommandError
 from cli.main import (
     DTYPES,
@@ -157,6 +158,7 @@ def attack_command(**options: Any) -> None:
     suffix = f"_{attack_name}" + ("" if threat is None else f"_{threat.norm}_eps{threat.eps:g}")
     if options["purifier"] is not None:
         suffix = f"_{options['purifier']}_{options['gradient']}{suffix}"
+    group = distributed.join(options)  # under torchrun: this rank's device
     setup = set_up_run("attack", options, stem_suffix=suffix)
     evaluated, attacked = setup.base, setup.base
     if options["purifier"] is not None:
@@ -171,6 +173,7 @@ def attack_command(**options: Any) -> None:
     setup.row_settings.update(attack_settings)
     setup.extra_record.update(chunk=options["chunk"], streams=STREAMS,
                               threat_tolerance=THREAT_TOLERANCE)
+    merged_stem = distributed.shard(group, "attack", setup)  # this rank's share and shard
     results = ResultFile(
         setup.stem, "attack", setup.row_settings, overwrite=options["overwrite"],
         packages=RECORDED_PACKAGES, environment=setup.environment,
@@ -193,8 +196,10 @@ def attack_command(**options: Any) -> None:
         except AttackOutsideThreatModelError as error:
             raise click.ClickException(f"{error} (a bug: please report it)") from error
 
-    guarded_run(results, call)
-    _report(results, smoothed=sigma is not None)
+    reported = distributed.run(group, lambda: guarded_run(results, call), "attack",
+                               merged_stem, results, setup.extra_record)
+    if reported is not None:  # None on torchrun ranks other than 0
+        _report(reported, smoothed=sigma is not None)
 
 
 def _check_attack_options(

@@ -19,6 +19,7 @@ import denoisers
 from classifiers import custom
 from classifiers.datasets import UnreadableImageError
 from classifiers.weights_io import load_classifier_weights
+from cli import distributed
 from cli.analyze import analyze_command
 from cli.errors import CommandError
 from cli.options import (
@@ -215,7 +216,10 @@ class RunSetup:
 
 def _execute(mode: str, options: dict[str, Any]) -> None:
     """Build data, model and smoothed classifier from the options, then run."""
+    # Under torchrun: this rank's device, share of the examples and shard file.
+    group = distributed.join(options)
     setup = set_up_run(mode, options)
+    merged_stem = distributed.shard(group, mode, setup)
     results = ResultFile(
         setup.stem, mode, setup.row_settings, overwrite=options["overwrite"],
         packages=RECORDED_PACKAGES, environment=setup.environment,
@@ -224,12 +228,13 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         mode=mode, n=options["n"], n0=options.get("n0") or 0, alpha=options["alpha"],
         batch_size=options["batch"], seed=options["seed"], device=setup.device,
     )
-    guarded_run(results, lambda: run(
+    reported = distributed.run(group, lambda: guarded_run(results, lambda: run(
         setup.smooth, setup.dataset, setup.indices, results, settings,
         extra_record=setup.extra_record, progress=not options["quiet"],
         skip_errors=(UnreadableImageError,) if options["skip_unreadable"] else (),
-    ))
-    _report(mode, results)
+    )), mode, merged_stem, results, setup.extra_record)
+    if reported is not None:  # None on torchrun ranks other than 0
+        _report(mode, reported)
 
 
 def set_up_run(mode: str, options: dict[str, Any], stem_suffix: str = "") -> RunSetup:
