@@ -214,10 +214,32 @@ def certify_at_radii(
     certified radius of the grid (0.0 with ABSTAIN when not even r = 0 is), so a Cohen
     format row reads as usual; with probability >= 1 - alpha it is a true certificate.
     """
+    guess = int(np.argmax(smooth.sample_counts(x, n0, batch_size, generator).cpu().numpy()))
+    certificate = certify_guess_at_radii(
+        smooth, x, guess, n, alpha, batch_size, radii, generator, looks, futility
+    )
+    return SequentialCertificate(
+        certificate.prediction, certificate.radius, n0 + certificate.samples
+    )
+
+
+def certify_guess_at_radii(
+    smooth,
+    x,
+    guess: int,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    radii: Sequence[float],
+    generator,
+    looks: int = LOOKS,
+    futility: float = FUTILITY,
+) -> SequentialCertificate:
+    """The estimation stage of `certify_at_radii` for a class already guessed from
+    independent selection draws; `samples` counts the estimation draws only."""
     grid = check_radii(radii)
     plan = design(n, alpha, looks, futility)
     p_thresholds = thresholds(grid, smooth.sigma)
-    guess = int(np.argmax(smooth.sample_counts(x, n0, batch_size, generator).cpu().numpy()))
     decision = Decision()
     n_a = drawn = 0
     for look, size in enumerate(plan.looks):
@@ -227,5 +249,5 @@ def certify_at_radii(
         if decide(decision, n_a, drawn, plan, look, p_thresholds):
             break
     if decision.certified < 0:
-        return SequentialCertificate(stats.ABSTAIN, 0.0, n0 + drawn)
-    return SequentialCertificate(guess, grid[decision.certified], n0 + drawn)
+        return SequentialCertificate(stats.ABSTAIN, 0.0, drawn)
+    return SequentialCertificate(guess, grid[decision.certified], drawn)
