@@ -10,6 +10,7 @@ interrupted, resumed or split over processes (one NAME each: a writer holds
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -484,18 +485,14 @@ def run(
     gets no row; its index and the error are recorded in the sidecar's `skipped`.
     """
     accuracy = "certified acc" if settings.mode == "certify" else "smoothed acc"
-    if not isinstance(smooth.base_classifier, torch.nn.Module):  # a plain callable: uncounted
+    counted = isinstance(smooth.base_classifier, torch.nn.Module)  # a plain callable: not
+    with ForwardPassCounter(smooth.base_classifier) if counted else contextlib.nullcontext() \
+            as counter:
         return run_rows(
             lambda index: _one_example(smooth, dataset, index, settings), indices, results,
             extra_record=extra_record, progress=progress, skip_errors=skip_errors,
             description=settings.mode, accuracy_name=accuracy,
-        )
-    with ForwardPassCounter(smooth.base_classifier) as counter:
-        return run_rows(
-            lambda index: _one_example(smooth, dataset, index, settings), indices, results,
-            extra_record=extra_record, progress=progress, skip_errors=skip_errors,
-            description=settings.mode, accuracy_name=accuracy,
-            forward_passes=lambda: counter.count,
+            forward_passes=(lambda: counter.count) if counted else None,
         )
 
 

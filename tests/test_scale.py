@@ -249,3 +249,32 @@ def test_bad_scale_options_give_one_message_and_exit_2(tmp_path, command, args, 
     assert message in result.output
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_counter_counts_images_of_the_outer_model_not_inner_calls():
+    from smoothing.runner import ForwardPassCounter
+
+    class InTwoChunks(torch.nn.Module):  # like a denoise-then-classify in micro-batches
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Flatten()
+
+        def forward(self, x):
+            return torch.cat([self.inner(chunk) for chunk in x.split(3)])
+
+    model = InTwoChunks()
+    with ForwardPassCounter(model) as counter:
+        model(torch.zeros(5, 1, 2, 2))
+        model(torch.zeros(1, 1, 2, 2))
+    model(torch.zeros(4, 1, 2, 2))  # the hook is gone
+    assert counter.count == 6
+
+
+def test_run_settings_refuse_certify_options_for_predict():
+    from smoothing.runner import RunSettings
+
+    for extra in ({"early_exit": True}, {"radii": (0.0, 0.5)}):
+        with pytest.raises(ValueError, match="certify only"):
+            RunSettings("predict", n=100, alpha=0.001, batch_size=100, **extra)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        RunSettings("certify", n=100, alpha=0.001, batch_size=100, radii=(0.5, 0.25))
