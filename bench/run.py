@@ -18,6 +18,10 @@
    `tests.tensor_memory`) and the growth of the process's peak RSS during the call. The
    digits CNN up to n = 10^6; n = 10^8 (10^4 s of the CNN) with a classifier that costs
    nothing (its logits are ten noisy pixels), so that only the engine runs.
+4. Fewer forward passes (counts, not seconds): samples drawn by `certify --sequential` at
+   the grid 0, 0.25, ..., 1.0 against CERTIFY at n = 10,000 (`bench.sequential`, target
+   <= 1/5), and the forward passes of `certify --early-exit` against the full run
+   (`bench.early_exit`), with identical analyze output.
 
 Each timing is the median of `--repeats`.
 """
@@ -275,6 +279,12 @@ def main() -> None:
     from bench.attacks import attack_overhead  # imported here: it imports this module
 
     record["attacks"] = [] if args.only_denoised else attack_overhead(args.repeats)
+    from bench.early_exit import early_exit_savings, print_early_exit
+    from bench.sequential import print_sequential, sequential_savings
+
+    if not args.only_denoised:
+        record["sequential"] = sequential_savings()
+        record["early_exit"] = early_exit_savings()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     if rows:
@@ -301,6 +311,10 @@ def main() -> None:
         print(f"{m['model']:<12} {m['n']:>11,} {m['batch']:>5} "
               f"{m['peak_tensor_bytes'] / 2**20:>10.2f} MiB "
               f"{m['peak_rss_growth_bytes'] / 2**20:>12.1f} MiB {m['seconds']:>8.1f}")
+    if "sequential" in record:
+        print()
+        print_sequential(record["sequential"])
+        print_early_exit(record["early_exit"])
     print(f"wrote {args.out}")
 
 

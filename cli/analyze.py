@@ -201,11 +201,14 @@ def _certify_table(
         for summary, label in zip(summaries, labels or [], strict=False):
             summary["label"] = label  # beside the path, which stays the file's identity
         return json.dumps(summaries, indent=2) + "\n"
+    notes = analysis.grid_notes(results_list, labels)
     if output_format == "markdown":
-        return analysis.markdown_table(results_list, radii, labels)
+        return analysis.markdown_table(results_list, radii, labels) + (notes and "\n" + notes)
     if output_format == "latex":
-        return analysis.latex_table(results_list, radii, labels)
-    return analysis.text_table(results_list, radii, labels)
+        # LaTeX comments, so that the tabular still compiles as it is
+        comments = "".join(f"% {line}\n" for line in notes.splitlines())
+        return analysis.latex_table(results_list, radii, labels) + comments
+    return analysis.text_table(results_list, radii, labels) + (notes and "\n" + notes)
 
 
 def _attack_table(

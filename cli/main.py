@@ -34,6 +34,7 @@ from cli.options import (
     resolve_device,
 )
 from cli.protocol_options import PROTOCOL_OPTIONS, given, refuse_conflicts, resolve_protocol
+from smoothing import sequential
 from smoothing.core import NonFiniteOutputError, Smooth
 from smoothing.runner import (
     ENGINE_PACKAGES,
@@ -219,6 +220,7 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
     # Under torchrun: this rank's device, share of the examples and shard file.
     group = distributed.join(options)
     setup = set_up_run(mode, options)
+    setup.row_settings.update(_certify_settings(options))
     merged_stem = distributed.shard(group, mode, setup)
     results = ResultFile(
         setup.stem, mode, setup.row_settings, overwrite=options["overwrite"],
@@ -227,6 +229,10 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
     settings = RunSettings(
         mode=mode, n=options["n"], n0=options.get("n0") or 0, alpha=options["alpha"],
         batch_size=options["batch"], seed=options["seed"], device=setup.device,
+        early_exit=options.get("early_exit", False),
+        radii=options["radii"] if options.get("sequential") else None,
+        looks=options.get("looks", sequential.LOOKS),
+        futility=options.get("futility", sequential.FUTILITY),
     )
     reported = distributed.run(group, lambda: guarded_run(results, lambda: run(
         setup.smooth, setup.dataset, setup.indices, results, settings,
@@ -235,6 +241,94 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
     )), mode, merged_stem, results, setup.extra_record)
     if reported is not None:  # None on torchrun ranks other than 0
         _report(mode, reported)
+
+
+def _parse_grid(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[float, ...] | None:
+    """--radii as given: comma-separated, strictly increasing, >= 0 (0 is added if missing)."""
+    if value is None:
+        return None
+    try:
+        return sequential.check_radii([float(part) for part in value.split(",")])
+    except ValueError as error:
+        raise click.BadParameter(
+            f"{value!r}: {error} (give increasing numbers >= 0 such as 0,0.25,0.5)"
+        ) from None
+
+
+def _certify_only(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """predict's hidden copies of certify's options: refused with one message when given."""
+    if value not in (None, False):
+        raise click.UsageError(
+            f"--{param.name.replace('_', '-')} is a certify option: PREDICT draws no "
+            "selection samples and certifies no radius"
+        )
+    return value
+
+
+_SCALE_OPTIONS = [
+    ("--radii", dict(callback=_parse_grid, metavar="R1,R2,...",
+                     help="With --sequential: the L2 radii to certify at, increasing, >= 0 "
+                          "(0 is always in the grid).")),
+    ("--sequential", dict(is_flag=True,
+                          help="Certify at the --radii grid with as few draws as the "
+                               "statistics allow (a group-sequential test, docs/scale.md): the "
+                               "radius column is the largest radius of the grid certified.")),
+    ("--looks", dict(type=click.IntRange(min=1), default=sequential.LOOKS,
+                     help="With --sequential: the most looks at the draws, growing by sqrt(2) "
+                          "up to --n.")),
+    ("--futility", dict(type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                        default=sequential.FUTILITY,
+                        help="With --sequential: give a radius up when the upper confidence "
+                             "bound at this level falls below its threshold (costs power, "
+                             "never validity).")),
+    ("--early-exit", dict(is_flag=True,
+                          help="Skip the n estimation draws of an example whose selection "
+                               "draws guess a class other than its label: it is not certified "
+                               "either way (row: predict = the guess, radius 0, correct 0). The "
+                               "analyze table is unchanged.")),
+]
+
+
+def _scale_options(hidden: bool) -> Callable:
+    if hidden:
+        return apply([
+            click.option(flag, **{k: v for k, v in spec.items() if k in ("is_flag", "metavar")},
+                         default=None, hidden=True, expose_value=False, callback=_certify_only)
+            for flag, spec in _SCALE_OPTIONS
+        ])
+    return apply([click.option(flag, **spec) for flag, spec in _SCALE_OPTIONS])
+
+
+def _check_scale_options(options: dict[str, Any]) -> None:
+    """--radii, --looks and --futility mean something with --sequential only."""
+    if options["sequential"] and options["radii"] is None:
+        raise click.UsageError("--sequential needs --radii (e.g. --radii 0,0.25,0.5,0.75,1.0)")
+    if not options["sequential"]:
+        for name in ("radii", "looks", "futility"):
+            if given(name):
+                raise click.UsageError(
+                    f"--{name} applies with --sequential only (a standard run certifies one "
+                    "radius per example; analyze --radii tabulates it at any radii)"
+                )
+
+
+def _certify_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The settings of --early-exit and --sequential; none when off, so that runs made
+    before these options existed still resume."""
+    settings: dict[str, Any] = {}
+    if options.get("early_exit"):
+        settings["early_exit"] = True
+    if options.get("sequential"):
+        plan = sequential.design(
+            options["n"], options["alpha"], options["looks"], options["futility"]
+        )
+        settings["sequential"] = {
+            "radii": list(options["radii"]), "looks": list(plan.looks),
+            "alphas": list(plan.alphas), "futility": plan.futility,
+        }
+    return settings
 
 
 def set_up_run(mode: str, options: dict[str, Any], stem_suffix: str = "") -> RunSetup:
@@ -506,6 +600,7 @@ def _report(mode: str, results: ResultFile) -> None:
 @click.option("--n0", "--N0", "n0", type=int, default=100, callback=positive("n0"),
               help="Noise samples that select the top class before it is bounded "
                    "(--N0 as in Cohen et al.'s certify.py).")
+@_scale_options(hidden=False)
 def certify_command(**options: Any) -> None:
     """Certify each example: a class and an L2 radius within which the smoothed
     classifier's prediction provably cannot change, with probability >= 1 - alpha
@@ -515,12 +610,17 @@ def certify_command(**options: Any) -> None:
     predict = -1 when it abstains) and the settings to OUT.json. A rerun with the
     same settings resumes where it stopped. With no options it certifies the
     bundled digits test split with the bundled model.
+
+    With --sequential --radii R1,R2,... the radius column is the largest radius of that
+    grid certified (analyze then reports a grid-ACR).
     """
+    _check_scale_options(options)
     _execute("certify", options)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @_common_options(default_n=100)
+@_scale_options(hidden=True)
 def predict_command(**options: Any) -> None:
     """Predict with the smoothed classifier (Cohen et al., 2019, PREDICT): the top
     class under noise if a binomial test separates it from the runner-up at level

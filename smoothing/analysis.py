@@ -70,6 +70,9 @@ class Results:
     predict: np.ndarray = field(repr=False)
     radius: np.ndarray = field(repr=False)
     correct: np.ndarray = field(repr=False)
+    # The grid of a sequential run (`certify --sequential`, from its sidecar): each radius is
+    # the largest radius of this grid certified, so the ACR is a grid-ACR. None: CERTIFY's.
+    radius_grid: tuple[float, ...] | None = None
 
     @property
     def n(self) -> int:
@@ -125,7 +128,22 @@ def load_results(path: str | Path) -> Results:
     """
     path = Path(path)
     _, columns = _load_table(path, (_CERTIFY,))
-    return Results(path=path, **columns)
+    return Results(path=path, radius_grid=sequential_grid(path), **columns)
+
+
+def sequential_grid(path: str | Path) -> tuple[float, ...] | None:
+    """The radii of a `certify --sequential` result, from its sidecar; None for any other
+    file (CERTIFY's, Cohen et al.'s without a sidecar, or beside an unrelated JSON file)."""
+    try:
+        record = read_sidecar(path)
+    except ValueError:
+        return None
+    if record is None or record.get("mode") != "certify":
+        return None
+    grid = record["settings"].get("sequential")
+    if not isinstance(grid, dict) or not isinstance(grid.get("radii"), list):
+        return None
+    return tuple(float(r) for r in grid["radii"])
 
 
 def _load_table(
@@ -402,7 +420,22 @@ def summary_json(results_list: Sequence[Results], radii: Sequence[float]) -> lis
             "acr": average_certified_radius(results),
             "certified_accuracy": {format_radius(r): accuracy[float(r)] for r in radii},
         })
+        if results.radius_grid is not None:  # the ACR of a sequential run is a grid-ACR
+            summaries[-1]["radius_grid"] = list(results.radius_grid)
     return summaries
+
+
+def grid_notes(results_list: Sequence[Results], labels: Sequence[str] | None = None) -> str:
+    """A line under a table for each sequential file: its ACR is a grid-ACR."""
+    lines = [
+        f"{name}: sequential at radii {', '.join(format_radius(r) for r in results.radius_grid)}"
+        ": each radius is the largest of that grid certified, so its ACR is a grid-ACR "
+        "(radii rounded down to the grid); between two grid radii certified accuracy is "
+        "that of the larger."
+        for name, results in zip(_labels_for(results_list, labels), results_list, strict=True)
+        if results.radius_grid is not None
+    ]
+    return "".join(line + "\n" for line in lines)
 
 
 def plot_certified_accuracy(
@@ -635,7 +668,7 @@ def load_any(path: str | Path) -> Results | AttackResults:
     path = Path(path)
     layout, columns = _load_table(path, (_CERTIFY, _ATTACK))
     if layout is _CERTIFY:
-        return Results(path=path, **columns)
+        return Results(path=path, radius_grid=sequential_grid(path), **columns)
     return load_attack_results(path)
 
 

@@ -34,6 +34,7 @@ from smoothing.runner import (
     STREAM_ATTACK,
     STREAM_CLEAN,
     STREAM_DEFENSE,
+    ForwardPassCounter,
     ResultFile,
     example_generator,
     run_rows,
@@ -200,11 +201,15 @@ def run_attack(
     if smooth is not None and smooth.base_classifier is not model:
         raise ValueError("smooth must smooth the attacked model")
     model.eval()  # batch norm in train mode would couple the examples of a batch
-    return run_rows(
-        lambda index: _attack_example(model, attack, smooth, dataset, index, settings),
-        indices, results, extra_record=extra_record, progress=progress,
-        skip_errors=skip_errors, description="attack", accuracy_name="robust acc",
-    )
+    # Every forward pass of the model counts: the attack's steps, PREDICT's noisy copies,
+    # the clean evaluations.
+    with ForwardPassCounter(model) as counter:
+        return run_rows(
+            lambda index: _attack_example(model, attack, smooth, dataset, index, settings),
+            indices, results, extra_record=extra_record, progress=progress,
+            skip_errors=skip_errors, description="attack", accuracy_name="robust acc",
+            forward_passes=lambda: counter.count,
+        )
 
 
 def _attack_example(

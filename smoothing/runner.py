@@ -10,6 +10,7 @@ interrupted, resumed or split over processes (one NAME each: a writer holds
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from smoothing import sequential, stats
 from smoothing.core import Smooth
 from smoothing.noise import NOISE_SAMPLER
 
@@ -88,6 +90,29 @@ def example_generator(
     generator = torch.Generator(device=device)
     generator.manual_seed(example_seed(seed, index, stream))
     return generator
+
+
+class ForwardPassCounter:
+    """How many inputs a module has evaluated: the batch sizes of its forward calls, summed.
+
+    A forward hook, so that every path calling the model counts (noisy batches, the clean
+    input, an attack's gradient steps) without each caller keeping its own tally. Inner
+    modules are not hooked: a denoise-then-classify model counts one per image.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.count = 0
+        self._handle = module.register_forward_hook(self._add)
+
+    def _add(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self.count += int(args[0].shape[0])
+
+    def __enter__(self) -> ForwardPassCounter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._handle.remove()
 
 
 def floor_radius(radius: float) -> str:
@@ -201,6 +226,9 @@ class ResultFile:
     packages: Sequence[str] = ENGINE_PACKAGES
     environment: dict[str, Any] = field(default_factory=dict)
     done: dict[int, dict[str, str]] = field(default_factory=dict, init=False)
+    # Base-classifier evaluations per row, written with the sidecar (at close and on each
+    # skip): a row of a process killed in between has no count and is reported uncounted.
+    forward_passes: dict[int, int] = field(default_factory=dict, init=False)
 
     @property
     def tsv(self) -> Path:
@@ -253,6 +281,11 @@ class ResultFile:
         else:
             previous = self._check_resumable(versions)
             self.done = self._read_done_rows()
+            self.forward_passes = {
+                int(index): int(count)
+                for index, count in previous.get("forward_passes_by_row", {}).items()
+                if int(index) in self.done
+            }
             record = previous
             record.setdefault("resumed", []).append(_now())
             record.setdefault("versions_history", [])
@@ -282,12 +315,16 @@ class ResultFile:
         self._write_sidecar(self._record)
         self._handle = self.tsv.open("a", encoding="utf-8")
 
-    def append(self, row: dict[str, Any]) -> None:
+    def append(self, row: dict[str, Any], forward_passes: int | None = None) -> None:
+        """Write one row; `forward_passes` is the number of base-classifier evaluations
+        that computed it (None: not counted)."""
         if self._handle is None:
             self._write_files()
         self._handle.write("\t".join(str(row[c]) for c in COLUMNS[self.mode]) + "\n")
         self._handle.flush()
         self.done[int(row["idx"])] = {c: str(row[c]) for c in COLUMNS[self.mode]}
+        if forward_passes is not None:
+            self.forward_passes[int(row["idx"])] = int(forward_passes)
         # skipped by an earlier run, readable now: no longer skipped
         self._record.get("skipped", {}).pop(str(row["idx"]), None)
 
@@ -304,6 +341,7 @@ class ResultFile:
         if self._handle is None:
             self._write_files()
         self._record.setdefault("skipped", {})[str(index)] = reason
+        self._count_forward_passes()
         self._write_sidecar(self._record)
 
     def close(self, finished: bool) -> None:
@@ -316,9 +354,20 @@ class ResultFile:
             if finished:
                 self._record["finished"] = _now()
             self._record["rows"] = len(self.done)
+            self._count_forward_passes()
             self._write_sidecar(self._record)
         finally:
             self._lock.release()
+
+    def _count_forward_passes(self) -> None:
+        """The sidecar's `forward_passes`: base-classifier evaluations of the rows in the
+        TSV, summed over every run that wrote them; rows without a count (written by a
+        process killed before its sidecar was, or by a version that did not count) are
+        left out and numbered in `forward_passes_uncounted_rows`."""
+        counted = {i: c for i, c in self.forward_passes.items() if i in self.done}
+        self._record["forward_passes"] = sum(counted.values())
+        self._record["forward_passes_uncounted_rows"] = len(self.done) - len(counted)
+        self._record["forward_passes_by_row"] = {str(i): counted[i] for i in sorted(counted)}
 
     def _check_resumable(self, versions: dict[str, str]) -> dict[str, Any]:
         """The previous sidecar, if its results may be extended by this run."""
@@ -402,11 +451,22 @@ class RunSettings:
     seed: int = 0
     n0: int = 100
     device: str = "cpu"
+    # certify only: skip the n estimation draws of an example whose guess is not its label
+    early_exit: bool = False
+    # certify only: certify at these radii sequentially (smoothing.sequential); None: CERTIFY
+    radii: tuple[float, ...] | None = None
+    looks: int = sequential.LOOKS
+    futility: float = sequential.FUTILITY
 
     def __post_init__(self) -> None:
         # refused before any file is touched, not at the first example
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.mode != "certify" and (self.early_exit or self.radii is not None):
+            raise ValueError("early exit and sequential certification apply to certify only")
+        if self.radii is not None:
+            self.radii = sequential.check_radii(self.radii)
+            sequential.design(self.n, self.alpha, self.looks, self.futility)  # checks them
 
 
 def run(
@@ -425,11 +485,15 @@ def run(
     gets no row; its index and the error are recorded in the sidecar's `skipped`.
     """
     accuracy = "certified acc" if settings.mode == "certify" else "smoothed acc"
-    return run_rows(
-        lambda index: _one_example(smooth, dataset, index, settings), indices, results,
-        extra_record=extra_record, progress=progress, skip_errors=skip_errors,
-        description=settings.mode, accuracy_name=accuracy,
-    )
+    counted = isinstance(smooth.base_classifier, torch.nn.Module)  # a plain callable: not
+    with ForwardPassCounter(smooth.base_classifier) if counted else contextlib.nullcontext() \
+            as counter:
+        return run_rows(
+            lambda index: _one_example(smooth, dataset, index, settings), indices, results,
+            extra_record=extra_record, progress=progress, skip_errors=skip_errors,
+            description=settings.mode, accuracy_name=accuracy,
+            forward_passes=(lambda: counter.count) if counted else None,
+        )
 
 
 def run_rows(
@@ -442,11 +506,14 @@ def run_rows(
     skip_errors: tuple[type[Exception], ...] = (),
     description: str = "run",
     accuracy_name: str = "acc",
+    forward_passes: Callable[[], int] | None = None,
 ) -> ResultFile:
     """The dataset loop of every mode: open `results`, compute and append the row of each
     index not already done, skip what raises one of `skip_errors`, close.
 
     `compute_row(index)` returns the row's columns (`correct` among them, for the bar).
+    `forward_passes()`, when given, is a running count of base-classifier evaluations
+    (`ForwardPassCounter`): each row is credited with what its computation added.
     """
     results.open(extra_record or {})
     todo = [i for i in indices if i not in results.done]
@@ -460,13 +527,16 @@ def run_rows(
     )
     try:
         for index in todo:
+            passes_before = forward_passes() if forward_passes is not None else 0
             try:
                 row = compute_row(index)
             except skip_errors as error:
                 results.skip(index, str(error))
                 bar.update(1)
                 continue
-            results.append(row)
+            results.append(
+                row, None if forward_passes is None else forward_passes() - passes_before
+            )
             correct += int(row["correct"])
             processed += 1
             bar.update(1)
@@ -489,9 +559,7 @@ def _one_example(
     generator = example_generator(settings.seed, index, settings.device)
     started = time.perf_counter()
     if settings.mode == "certify":
-        prediction, radius = smooth.certify(
-            x, settings.n0, settings.n, settings.alpha, settings.batch_size, generator
-        )
+        prediction, radius = _certify(smooth, x, int(label), settings, generator)
         row = {"radius": floor_radius(radius)}
     else:
         prediction = smooth.predict(x, settings.n, settings.alpha, settings.batch_size, generator)
@@ -504,3 +572,37 @@ def _one_example(
         time=f"{elapsed:.3f}",
     )
     return row
+
+
+def _certify(
+    smooth: Smooth, x: torch.Tensor, label: int, settings: RunSettings,
+    generator: torch.Generator,
+) -> tuple[int, float]:
+    """CERTIFY, or its sequential form at a grid of radii, with the label-aware early exit.
+
+    The selection and estimation draws come from the example's one generator in that
+    order, as in `Smooth.certify`: stopping after the selection draws changes no other row
+    (each example has its own generator), and a row that does not stop is the same as
+    without early exit.
+    """
+    if not settings.early_exit and settings.radii is None:
+        return smooth.certify(
+            x, settings.n0, settings.n, settings.alpha, settings.batch_size, generator
+        )
+    selection = smooth.sample_counts(x, settings.n0, settings.batch_size, generator).cpu().numpy()
+    guess = int(np.argmax(selection))  # ties to the lowest index, as certify_from_counts
+    if settings.early_exit and guess != label:
+        # Not certified whatever the estimation draws say: CERTIFY would return the guess
+        # (wrong) or abstain, correct = 0 and no radius counted either way. Written with the
+        # guess and radius 0; with early exit, predict outside {label, -1} marks such a row.
+        return guess, 0.0
+    if settings.radii is not None:
+        certificate = sequential.certify_guess_at_radii(
+            smooth, x, guess, settings.n, settings.alpha, settings.batch_size, settings.radii,
+            generator, settings.looks, settings.futility,
+        )
+        return certificate.prediction, certificate.radius
+    estimation = smooth.sample_counts(x, settings.n, settings.batch_size, generator)
+    return stats.certify_from_counts(
+        selection, estimation.cpu().numpy(), settings.alpha, smooth.sigma
+    )

@@ -20,9 +20,14 @@ from smoothing.sequential import (
 )
 
 
-def test_design_doubles_up_to_n_and_spends_at_most_alpha():
-    plan = design(10_000, 0.001, looks=8)
+def test_design_grows_geometrically_up_to_n_and_spends_at_most_alpha():
+    plan = design(10_000, 0.001, looks=8, growth=2)
     assert plan.looks == (79, 157, 313, 625, 1250, 2500, 5000, 10_000)
+    # the default: 20 looks growing by sqrt(2), 10,000 / 2^9.5 = 13.8 draws at the first
+    default = design(10_000, 0.001)
+    assert len(default.looks) == 20 and default.looks[:3] == (14, 20, 28)
+    assert default.looks[-3:] == (5000, 7072, 10_000)
+    assert default.alphas[0] == pytest.approx(0.0005 / 19) and default.alpha <= 0.001
     assert plan.alpha <= 0.001 and plan.alphas[-1] == pytest.approx(0.0005)
     assert design(1, 0.01).looks == (1,) and design(1, 0.01).alphas == (0.01,)
 
