@@ -138,10 +138,14 @@ def merge_results(
         skipped: dict[str, str] = {}
         merged_from = []
         existing = dict(target.done)
+        # each row's base-classifier evaluations, carried over so the total stays right
+        counts: dict[int, int] = dict(target.forward_passes)
         for source in sources:
             source_rows, source_skipped, record = _read_source(
                 source, mode, target.settings, world_size
             )
+            for index, count in record.get("forward_passes_by_row", {}).items():
+                counts.setdefault(int(index), int(count))
             for index, row in source_rows.items():
                 if index in rows and not _same_row(rows[index], row):
                     raise ResultFileError(
@@ -173,7 +177,7 @@ def merge_results(
         staging.open(extra)
         try:
             for index in sorted(rows):
-                staging.append(rows[index])
+                staging.append(rows[index], forward_passes=counts.get(index))
             for index, reason in sorted(skipped.items(), key=lambda item: int(item[0])):
                 staging.skip(int(index), reason)
         finally:

@@ -308,7 +308,11 @@ def test_merge_results_joins_job_array_tasks_into_the_rows_of_one_run(tmp_path):
     assert without_time(tmp_path / "all.tsv") == without_time(tmp_path / "single.tsv")
     record = json.loads((tmp_path / "all.json").read_text())
     assert [s["selection"]["start"] for s in record["merged_from"]] == [45, 0]
-    assert record["settings"] == json.loads((tmp_path / "single.json").read_text())["settings"]
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert record["settings"] == single["settings"]
+    # the forward passes of the rows carry over: n0 + n per certify row, as in one run
+    assert record["forward_passes"] == single["forward_passes"] == 10 * (10 + 40)
+    assert record["forward_passes_uncounted_rows"] == 0
 
     # a task run with other settings is refused, naming it; nothing is written
     assert _invoke(certify_command, *base[:1], "50", *base[2:], "--start", "1", "--skip",
