@@ -233,7 +233,10 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         radii=options["radii"] if options.get("sequential") else None,
         looks=options.get("looks", sequential.LOOKS),
         futility=options.get("futility", sequential.FUTILITY),
+        pack=options.get("pack", True),
     )
+    # outside the settings: packing changes no example's draws, so a resume may change it
+    setup.extra_record["examples_per_pass"] = settings.examples_per_pass()
     reported = distributed.run(group, lambda: guarded_run(results, lambda: run(
         setup.smooth, setup.dataset, setup.indices, results, settings,
         extra_record=setup.extra_record, progress=not options["quiet"],
@@ -289,6 +292,13 @@ _SCALE_OPTIONS = [
                                "either way (row: predict = the guess, radius 0, correct 0). The "
                                "analyze table is unchanged.")),
 ]
+
+
+_PACK_OPTION = click.option(
+    "--pack/--no-pack", default=True,
+    help="Fill each forward pass with the draws of several examples when an example's draws "
+         "fill less than --batch (each example's noise is unchanged; docs/scale.md). "
+         "--no-pack: one example per pass, as Cohen et al.'s loop.")
 
 
 def _scale_options(hidden: bool) -> Callable:
@@ -601,6 +611,7 @@ def _report(mode: str, results: ResultFile) -> None:
               help="Noise samples that select the top class before it is bounded "
                    "(--N0 as in Cohen et al.'s certify.py).")
 @_scale_options(hidden=False)
+@_PACK_OPTION
 def certify_command(**options: Any) -> None:
     """Certify each example: a class and an L2 radius within which the smoothed
     classifier's prediction provably cannot change, with probability >= 1 - alpha
@@ -621,6 +632,7 @@ def certify_command(**options: Any) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @_common_options(default_n=100)
 @_scale_options(hidden=True)
+@_PACK_OPTION
 def predict_command(**options: Any) -> None:
     """Predict with the smoothed classifier (Cohen et al., 2019, PREDICT): the top
     class under noise if a binomial test separates it from the runner-up at level

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from smoothing import sequential, stats
 from smoothing.core import Smooth
 from smoothing.noise import NOISE_SAMPLER
+from smoothing.packing import base_predictions, packed_counts
 
 try:
     import fcntl
@@ -457,6 +458,18 @@ class RunSettings:
     radii: tuple[float, ...] | None = None
     looks: int = sequential.LOOKS
     futility: float = sequential.FUTILITY
+    # fill each forward pass with the draws of several examples (smoothing.packing); each
+    # example's draws are those of the per-example loop, so its row is too (up to
+    # batch-size dependent rounding of the model, see docs/scale.md)
+    pack: bool = True
+
+    def examples_per_pass(self) -> int:
+        """How many examples share the passes of a group: as many as all their draws fill
+        one --batch, so a crash loses at most a pass of work; 1 where packing cannot help."""
+        if not self.pack or self.early_exit or self.radii is not None:
+            return 1
+        draws = self.n if self.mode == "predict" else self.n0 + self.n
+        return max(1, self.batch_size // draws)
 
     def __post_init__(self) -> None:
         # refused before any file is touched, not at the first example
@@ -488,8 +501,15 @@ def run(
     counted = isinstance(smooth.base_classifier, torch.nn.Module)  # a plain callable: not
     with ForwardPassCounter(smooth.base_classifier) if counted else contextlib.nullcontext() \
             as counter:
+        compute_row: Callable[[int], dict[str, Any]]
+        if settings.examples_per_pass() > 1:
+            compute_row = _PackedRows(smooth, dataset, indices, results, settings,
+                                      counter if counted else None)
+        else:
+            def compute_row(index: int) -> dict[str, Any]:
+                return _one_example(smooth, dataset, index, settings)
         return run_rows(
-            lambda index: _one_example(smooth, dataset, index, settings), indices, results,
+            compute_row, indices, results,
             extra_record=extra_record, progress=progress, skip_errors=skip_errors,
             description=settings.mode, accuracy_name=accuracy,
             forward_passes=(lambda: counter.count) if counted else None,
@@ -534,9 +554,11 @@ def run_rows(
                 results.skip(index, str(error))
                 bar.update(1)
                 continue
-            results.append(
-                row, None if forward_passes is None else forward_passes() - passes_before
-            )
+            # a packed row brings its own count (its group's passes are shared)
+            passes = row.pop("forward_passes", None)
+            if passes is None and forward_passes is not None:
+                passes = forward_passes() - passes_before
+            results.append(row, passes)
             correct += int(row["correct"])
             processed += 1
             bar.update(1)
@@ -572,6 +594,100 @@ def _one_example(
         time=f"{elapsed:.3f}",
     )
     return row
+
+
+class _PackedRows:
+    """`compute_row` for `run_rows` that computes the next examples' rows together.
+
+    Asked for the row of `index`, it computes those of `index` and of the examples after
+    it in `indices` that are still to do, as many as `settings.examples_per_pass()`,
+    through `packed_counts`: each example's draws come from its own generator in the
+    order of the per-example loop (CERTIFY: n0 selection, then n estimation draws), so
+    its row is the per-example row. An example that fails to load, or a group whose
+    images differ in shape, is computed (or fails) on its own, at its turn.
+    """
+
+    def __init__(
+        self, smooth: Smooth, dataset: Sequence[tuple[torch.Tensor, int]],
+        indices: Sequence[int], results: ResultFile, settings: RunSettings,
+        counter: ForwardPassCounter | None,
+    ):
+        self.smooth, self.dataset, self.settings = smooth, dataset, settings
+        self.results, self.counter = results, counter
+        self.indices = list(indices)
+        self.position = {index: k for k, index in enumerate(self.indices)}
+        self.ready: dict[int, dict[str, Any] | Exception] = {}
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        if index not in self.ready:
+            self._compute_group(index)
+        outcome = self.ready.pop(index)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _group(self, index: int) -> list[int]:
+        size = self.settings.examples_per_pass()
+        group = []
+        for candidate in self.indices[self.position[index]:]:
+            if candidate not in self.results.done and candidate not in self.ready:
+                group.append(candidate)
+            if len(group) == size:
+                break
+        return group
+
+    def _compute_group(self, index: int) -> None:
+        settings, smooth = self.settings, self.smooth
+        loaded = []
+        for candidate in self._group(index):
+            try:
+                image, label = self.dataset[candidate]
+            except Exception as error:  # raised at its turn, as the per-example loop would
+                self.ready[candidate] = error
+                continue
+            loaded.append((candidate, image.to(settings.device), int(label)))
+        if len({tuple(x.shape) for _, x, _ in loaded}) > 1:
+            for candidate, _, _ in loaded:
+                self.ready[candidate] = _one_example(smooth, self.dataset, candidate, settings)
+            return
+        if not loaded:
+            return
+        started = time.perf_counter()
+        before = self.counter.count if self.counter is not None else 0
+        generators = [example_generator(settings.seed, i, settings.device) for i, _, _ in loaded]
+        images = [x for _, x, _ in loaded]
+        if settings.mode == "certify":
+            requests = [(x, settings.n0, g) for x, g in zip(images, generators, strict=True)]
+            requests += [(x, settings.n, g) for x, g in zip(images, generators, strict=True)]
+            counts = [c.cpu().numpy() for c in packed_counts(smooth, requests, settings.batch_size)]
+            per_example = settings.n0 + settings.n
+        else:
+            requests = [(x, settings.n, g) for x, g in zip(images, generators, strict=True)]
+            counts = [c.cpu().numpy() for c in packed_counts(smooth, requests, settings.batch_size)]
+            base = base_predictions(smooth, images)
+            per_example = settings.n + 1
+        if self.counter is not None and self.counter.count - before != per_example * len(loaded):
+            raise RuntimeError(  # the hook disagrees with the draws made: a bug, not input
+                f"packed forward passes: counted {self.counter.count - before}, expected "
+                f"{per_example * len(loaded)}"
+            )
+        elapsed = (time.perf_counter() - started) / len(loaded)
+        for k, (candidate, _, label) in enumerate(loaded):
+            if settings.mode == "certify":
+                prediction, radius = stats.certify_from_counts(
+                    counts[k], counts[len(loaded) + k], settings.alpha, smooth.sigma
+                )
+                row: dict[str, Any] = {"radius": floor_radius(radius)}
+            else:
+                prediction = stats.predict_from_counts(counts[k], settings.alpha)
+                scored = base[k] if prediction == Smooth.ABSTAIN else prediction
+                row = {"base_predict": base[k], "clean_correct": int(scored == label)}
+            row.update(
+                idx=candidate, label=label, predict=prediction,
+                correct=int(prediction == label), time=f"{elapsed:.3f}",
+                forward_passes=per_example if self.counter is not None else None,
+            )
+            self.ready[candidate] = row
 
 
 def _certify(

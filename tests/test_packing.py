@@ -1,5 +1,7 @@
 """Packing several examples' draws into shared forward passes changes no draw."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -102,3 +104,97 @@ def test_examples_of_different_shapes_are_refused():
                 (torch.rand(1, 3, 3), 5, torch.Generator())]
     with pytest.raises(ValueError, match="share one"):
         packed_counts(smooth, requests, 10)
+
+
+# ----------------------------------------------------------- packing in the dataset runner
+
+class Counting(nn.Module):
+    """The digits CNN, counting its forward calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def _run(tmp_path, name, mode, pack, indices=range(40), dataset=None, model=None, **settings):
+    from smoothing.runner import ResultFile, RunSettings, run
+
+    torch.set_num_threads(1)
+    dataset = dataset or build_dataset("digits", split="test")
+    model = model or Counting(
+        build_classifier("digits-sigma0.25", class_names=[str(i) for i in range(10)],
+                         sigma=0.25))
+    values = {"mode": mode, "n": 100, "n0": 10, "alpha": 0.001, "batch_size": 1000, **settings}
+    results = ResultFile(tmp_path / name, mode, {"case": "packing", **values})
+    run(Smooth(model, 10, 0.25), dataset, list(indices), results,
+        RunSettings(**values, pack=pack), progress=False)
+    header, *lines = results.tsv.read_text().splitlines()
+    time_column = header.split("\t").index("time")
+    rows = [[v for k, v in enumerate(line.split("\t")) if k != time_column] for line in lines]
+    return rows, model, json.loads(results.sidecar.read_text())
+
+
+@pytest.mark.parametrize("mode", ["predict", "certify"])
+def test_packed_runs_write_the_rows_of_the_per_example_loop(tmp_path, mode):
+    settings = {"n": 40} if mode == "certify" else {}
+    packed, packed_model, packed_record = _run(tmp_path, "packed", mode, True, **settings)
+    plain, plain_model, plain_record = _run(tmp_path, "plain", mode, False, **settings)
+    assert packed == plain
+    assert packed_record["forward_passes"] == plain_record["forward_passes"]
+    assert packed_record["forward_passes_by_row"] == plain_record["forward_passes_by_row"]
+    # predict: 40 x (1 noisy + 1 clean) calls unpacked, 4 x (1 + 1) packed (10 per pass);
+    # certify (n0 10, n 40): 40 x 2 unpacked, 2 per 20 examples packed
+    assert packed_model.calls * 10 <= plain_model.calls
+
+
+def test_an_unreadable_image_in_a_group_is_skipped_and_the_others_unchanged(tmp_path):
+    from classifiers.datasets import UnreadableImageError
+    from smoothing.runner import ResultFile, RunSettings, run
+
+    digits = build_dataset("digits", split="test")
+
+    class Broken:
+        classes = digits.classes
+
+        def __len__(self):
+            return len(digits)
+
+        def __getitem__(self, index):
+            if index == 3:
+                raise UnreadableImageError("3.png", "damaged")
+            return digits[index]
+
+    plain, _, _ = _run(tmp_path, "plain", "predict", False, indices=range(12))
+    values = {"mode": "predict", "n": 100, "n0": 10, "alpha": 0.001, "batch_size": 1000}
+    results = ResultFile(tmp_path / "broken", "predict", {"case": "packing", **values})
+    model = build_classifier("digits-sigma0.25", class_names=digits.classes, sigma=0.25)
+    run(Smooth(model, 10, 0.25), Broken(), list(range(12)), results,
+        RunSettings(**values, pack=True), progress=False, skip_errors=(UnreadableImageError,))
+    lines = results.tsv.read_text().splitlines()[1:]
+    rows = [[v for k, v in enumerate(line.split("\t")) if k != 4] for line in lines]
+    assert rows == [row for row in plain if row[0] != "3"]
+    assert json.loads(results.sidecar.read_text())["skipped"] == {
+        "3": "cannot read image 3.png: damaged"}
+
+
+def test_an_interrupted_packed_run_resumes_to_the_same_rows(tmp_path):
+    reference, _, _ = _run(tmp_path, "reference", "predict", True)
+
+    class Interrupting(Counting):
+        def forward(self, x):
+            if self.calls == 5:  # in the third group of ten
+                raise KeyboardInterrupt
+            return super().forward(x)
+
+    model = Interrupting(build_classifier("digits-sigma0.25",
+                                          class_names=[str(i) for i in range(10)], sigma=0.25))
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "cut", "predict", True, model=model)
+    written = (tmp_path / "cut.tsv").read_text().splitlines()
+    assert len(written) == 1 + 20  # two whole groups of ten: nothing of the third
+    resumed, _, record = _run(tmp_path, "cut", "predict", True)
+    assert resumed == reference and record["forward_passes_uncounted_rows"] == 0
