@@ -22,6 +22,9 @@
    the grid 0, 0.25, ..., 1.0 against CERTIFY at n = 10,000 (`bench.sequential`, target
    <= 1/5), and the forward passes of `certify --early-exit` against the full run
    (`bench.early_exit`), with identical analyze output.
+5. Packing: PREDICT n = 100 over the digits test split and a ResNet-18 at 3x32x32, the
+   runner packing ten examples per pass against Cohen et al.'s per-example loop
+   (`bench.packing`).
 
 Each timing is the median of `--repeats`.
 """
@@ -280,11 +283,13 @@ def main() -> None:
 
     record["attacks"] = [] if args.only_denoised else attack_overhead(args.repeats)
     from bench.early_exit import early_exit_savings, print_early_exit
+    from bench.packing import packing_speedups, print_packing
     from bench.sequential import print_sequential, sequential_savings
 
     if not args.only_denoised:
         record["sequential"] = sequential_savings()
         record["early_exit"] = early_exit_savings()
+        record["packing"] = packing_speedups()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     if rows:
@@ -315,6 +320,8 @@ def main() -> None:
         print()
         print_sequential(record["sequential"])
         print_early_exit(record["early_exit"])
+        print()
+        print_packing(record["packing"])
     print(f"wrote {args.out}")
 
 

@@ -461,7 +461,7 @@ class RunSettings:
     # fill each forward pass with the draws of several examples (smoothing.packing); each
     # example's draws are those of the per-example loop, so its row is too (up to
     # batch-size dependent rounding of the model, see docs/scale.md)
-    pack: bool = True
+    pack: bool = False
 
     def examples_per_pass(self) -> int:
         """How many examples share the passes of a group: as many as all their draws fill
