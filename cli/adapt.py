@@ -90,6 +90,21 @@ def _check_references(references: str) -> None:
         load_reference_set(references)
 
 
+def _one_process_only(command: str) -> None:
+    """Refuse `command` under a launcher: every process would write the same reference
+    images. personalize and finetune are the steps that train with several processes."""
+    from adapt.training import launcher_world_size
+
+    with _clear_errors():
+        processes = launcher_world_size()
+    if processes > 1:
+        raise CommandError(
+            f"adapt {command} runs in one process, not under a launcher of {processes} "
+            "processes: synthesize the references in one process, then start `adapt "
+            "personalize` and `adapt finetune` with the launcher (docs/adapt.md, Several GPUs)"
+        )
+
+
 def _check_prompt(prompt: str | None, token: str | None) -> None:
     from adapt.references import check_template
 
@@ -275,6 +290,7 @@ def synthesize_command(**options: Any) -> None:
     classes after the existing ones. The manifest records prompt, seed and model ids
     of every image.
     """
+    _one_process_only("synthesize")
     classes = _class_names(options["labels"], options["dataset"])
     from cli.options import resolve_device  # loads torch: not for --help
 
@@ -475,6 +491,7 @@ def run_command(**options: Any) -> None:
     OUT/certify_command.txt) the `certify` command that evaluates the robustified
     classifier on your data. Rerunning the same command resumes where it stopped.
     """
+    _one_process_only("run")
     classes = _class_names(options["labels"], options["dataset"])
     templates, classes = _apply_protocol(options, classes)
     _check_prompt(options["prompt"], options["token"])

@@ -29,7 +29,8 @@ from tests.tiny_models import save_tiny_if2
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "distributed_adapt_child.py"
 
-pytestmark = pytest.mark.slow  # every test starts processes that import torch and diffusers
+# Tests that start processes (each imports torch, diffusers, open_clip): 15-60 s each.
+launched = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,7 @@ def assert_same_training(one: Path, two: Path, weights: str, losses: list[str],
     assert moved > 0 and difference <= 1e-3 * moved, (difference, moved)  # seen: 2e-5, 1e-4
 
 
+@launched
 def test_personalize_in_two_processes_trains_what_one_does(tiny, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     succeeded(adapt(tiny, personalize_args(tiny, one), 1))
@@ -158,12 +160,14 @@ def finetuned(tiny, tmp_path_factory):
     return folder / "one", folder / "two"
 
 
+@launched
 def test_finetune_in_two_processes_trains_what_one_does(tiny, finetuned):
     one, two = finetuned
     assert_same_training(one, two, "classifier.safetensors", ["L_clf", "accuracy"],
                          start=load_file(str(tiny["clip"])))
 
 
+@launched
 def test_a_sigterm_to_one_process_checkpoints_and_the_rerun_resumes_in_both(
     tiny, finetuned, tmp_path
 ):
@@ -185,6 +189,7 @@ def test_a_sigterm_to_one_process_checkpoints_and_the_rerun_resumes_in_both(
     assert loss_rows(out)[1:][-1][:4] == loss_rows(finetuned[1])[1:][-1][:4]
 
 
+@launched
 @pytest.mark.parametrize("command", ["personalize", "finetune"])
 def test_a_batch_the_processes_cannot_share_is_refused_by_every_process(tiny, tmp_path,
                                                                          command):
@@ -207,3 +212,79 @@ def test_a_batch_the_processes_cannot_share_is_refused_by_every_process(tiny, tm
     assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-4000:]
     assert snapshot(out) == before
 
+
+
+# -- the helpers, in this process (no launcher) --------------------------------------------
+
+
+class Processes:
+    """What the helpers read of an Accelerator: the process count and this one's index."""
+
+    def __init__(self, num_processes: int, process_index: int):
+        self.num_processes, self.process_index = num_processes, process_index
+        self.barriers = 0
+
+    def wait_for_everyone(self) -> None:
+        self.barriers += 1
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3, 4])
+def test_the_shares_of_the_processes_are_the_global_batch_in_order(processes):
+    from adapt.training import process_share
+
+    batch = 12
+    shares = [list(range(batch))[process_share(batch, Processes(processes, rank))]
+              for rank in range(processes)]
+    assert [i for share in shares for i in share] == list(range(batch))
+    assert {len(share) for share in shares} == {batch // processes}
+
+
+def test_a_batch_not_a_multiple_of_the_processes_is_refused_after_a_barrier():
+    from adapt.errors import AdaptError
+    from adapt.training import check_batch_for_processes
+
+    fits = Processes(4, 1)
+    check_batch_for_processes("batch_size", 8, fits)
+    assert fits.barriers == 0
+    odd = Processes(4, 1)
+    with pytest.raises(AdaptError, match="batch_size 6 is the global batch, shared by 4 "
+                                         "processes: it must be a multiple of 4"):
+        check_batch_for_processes("batch_size", 6, odd)
+    assert odd.barriers == 1  # every process reports before any exits
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 1), ("1", 1), ("4", 4), ("x", None),
+                                                 ("0", None)])
+def test_launcher_world_size(monkeypatch, value, expected):
+    from adapt.errors import AdaptError
+    from adapt.training import launcher_world_size
+
+    if value is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", value)
+    if expected is None:
+        with pytest.raises(AdaptError, match="WORLD_SIZE"):
+            launcher_world_size()
+    else:
+        assert launcher_world_size() == expected
+
+
+def test_a_device_index_under_a_launcher_is_refused(monkeypatch):
+    from adapt.errors import AdaptError
+    from adapt.training import make_accelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(AdaptError, match="each process uses its own device"):
+        make_accelerator("no", "cuda:1")
+
+
+def test_batch_norm_is_refused_for_several_cpu_processes():
+    import torchvision
+
+    from adapt.errors import AdaptError
+    from adapt.training import check_no_batch_norm
+
+    check_no_batch_norm(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
+    with pytest.raises(AdaptError, match="batch norm layer"):
+        check_no_batch_norm(torchvision.models.resnet18(weights=None, num_classes=2))
