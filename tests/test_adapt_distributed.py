@@ -137,7 +137,7 @@ def assert_same_training(one: Path, two: Path, weights: str, losses: list[str],
 
 @launched
 def test_personalize_in_two_processes_trains_what_one_does(tiny, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, accum = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
     succeeded(adapt(tiny, personalize_args(tiny, one), 1))
     result = adapt(tiny, personalize_args(tiny, two), 2)
     succeeded(result)
@@ -149,6 +149,15 @@ def test_personalize_in_two_processes_trains_what_one_does(tiny, tmp_path):
     assert record["batch_size"] == 4 and record["batch_size_per_process"] == 2
     assert record["resumed"] == []  # opened once, by one process
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+    # The same global batch of 4 as 2 micro-batches of 2, one image per process each
+    # (DDP's no_sync for the first), with gradient checkpointing: the same training.
+    succeeded(adapt(tiny, [*personalize_args(tiny, accum, batch=2), "--grad-accum", "2",
+                           "--gradient-checkpointing"], 2))
+    assert_same_training(one, accum, "pytorch_lora_weights.safetensors",
+                         ["loss", "L_diff", "L_clf"])
+    record = json.loads((accum / "adapt_config.json").read_text())
+    assert record["effective_batch_size"] == 4 and record["batch_size_per_process"] == 1
 
 
 @pytest.fixture(scope="module")
