@@ -28,7 +28,14 @@
 - `plot_loss_curve`: the log as a PNG (matplotlib's object API with the Agg canvas: no
   pyplot, no global backend switch).
 - `progress_bar`: tqdm with the loss terms as postfix.
-- `make_accelerator`: an `accelerate.Accelerator` for one device and mixed precision.
+- `make_accelerator`: an `accelerate.Accelerator` for one device and mixed precision, or,
+  under a launcher (`WORLD_SIZE` > 1: `torchrun`, `accelerate launch`), the distributed one
+  (gloo on CPUs, nccl with a GPU per process). Several processes: `batch_size` is the
+  global batch and each process trains its block of it (`process_share`: the same
+  `stream_batch` indices and `step_generator` draws as one process, sliced), the trained
+  module runs under DDP (`data_parallel`), only the main process writes (`open_run`
+  opens the folder and tells the others; logs, checkpoints, weights), a signal reaching
+  one process stops all after the same step (`agree_on_signal`).
 - Settings both configs share: `check_training_settings` (folders, k, optimizer,
   schedule, checkpoints, seed, resolution, precision, classifier options) and
   `result_settings` (the settings a resumed run must repeat).

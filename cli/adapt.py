@@ -160,7 +160,8 @@ _PERSONALIZE_OPTIONS = _options(
                  help="Personalization learning rate (App. A.4: 1e-4)."),
     click.option("--batch-size", type=int, default=24, callback=_positive,
                  help="Personalization batch size (App. A.4: 24, which was 4 GPUs x 6: "
-                      "--batch-size 6 --grad-accum 4 is the same effective batch)."),
+                      "--batch-size 6 --grad-accum 4 is the same effective batch). Under a "
+                      "launcher the global batch: each process takes batch / processes."),
     click.option("--grad-accum", type=int, default=1, callback=_positive,
                  help="Micro-batches of --batch-size per update (effective batch: their "
                       "product; the same gradient as one batch of that size)."),
@@ -208,7 +209,8 @@ def _finetune_options(prefix: str) -> Callable:
         click.option(f"--{prefix}lr", type=float, default=5e-7, callback=_positive,
                      help="Classifier fine-tuning learning rate (App. A.4: 5e-7)."),
         click.option(f"--{prefix}batch-size", type=int, default=256, callback=_positive,
-                     help="Classifier fine-tuning batch size (App. A.4: 256)."),
+                     help="Classifier fine-tuning batch size (App. A.4: 256; under a "
+                          "launcher the global batch)."),
         click.option(f"--{prefix}grad-accum", type=int, default=1, callback=_positive,
                      help="Fine-tuning micro-batches per update (effective batch: "
                           f"--{prefix}batch-size x this)."),

@@ -132,7 +132,8 @@ def assert_same_training(one: Path, two: Path, weights: str, losses: list[str],
     assert changed
     difference = sum(float((a[n] - b[n]).norm()) ** 2 for n in changed) ** 0.5
     moved = sum(float(change[n].norm()) ** 2 for n in changed) ** 0.5
-    assert moved > 0 and difference <= 1e-3 * moved, (difference, moved)  # seen: 2e-5, 1e-4
+    # seen: 4e-6 (LoRA), 4e-5 (CLIP)
+    assert moved > 0 and difference <= 1e-3 * moved, (difference, moved)
 
 
 @launched
