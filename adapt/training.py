@@ -363,15 +363,28 @@ def process_share(batch_size: int, accelerator: Any) -> slice:
 def open_run(folder: RunFolder, accelerator: Any) -> RunStart:
     """`folder.open()` by the main process only; the others get its answer.
 
-    Every process has checked the folder (read only) before this barrier, so none reads
-    while the main process writes or deletes. The main process's RunStart, or its
-    refusal, is broadcast: a refusal raises the same `AdaptError` in every process.
+    Every process has checked the folder (read only) before the settings are gathered
+    (which waits for all), so none reads while the main process writes or deletes. The
+    processes' settings must be equal (else every process raises `AdaptError`). The main
+    process's RunStart, or its refusal, is broadcast: a refusal raises the same
+    `AdaptError` in every process.
     """
     if accelerator.num_processes == 1:
         return folder.open()
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, gather_object
 
-    accelerator.wait_for_everyone()
+    # All processes must run the same training (a node started with other options, or
+    # another reference set, would train something else): compare before any write.
+    settings = gather_object([folder.settings])
+    for rank, other in enumerate(settings):
+        if other != settings[0]:
+            changed = sorted(key for key in set(other) | set(settings[0])
+                             if other.get(key) != settings[0].get(key))
+            raise AdaptError(
+                f"process {rank} was started with other settings than process 0 "
+                f"({', '.join(changed)} differ): start every process with the same command "
+                "and inputs. Nothing was written"
+            )
     answer: list[Any] = [None]
     if accelerator.is_main_process:
         try:

@@ -5,6 +5,8 @@ argv: the folder of the tiny CLIP's config, then the `adapt` arguments. The tiny
 registered with open_clip and as the classifier `tiny-clip` (its two test templates)
 first, as the tests' own process does; the exit status is the command's (2: refused).
 
+`ADAPT_TEST_RANK1_ARGS`: arguments added to the command line of rank 1 only (a process
+started with other settings).
 `ADAPT_TEST_SIGTERM=RANK,CALL`: the process of rank RANK sends itself SIGTERM during its
 classifier call CALL of `adapt finetune` (one call per micro-batch), as a scheduler's
 preemption reaching one process would.
@@ -35,6 +37,8 @@ def main() -> None:
     CLASSIFIERS._entries["tiny-clip"] = Entry("tiny-clip", builder, "tiny CLIP for tests")
     if os.environ.get("ADAPT_TEST_SIGTERM"):
         terminate_during_a_step(*map(int, os.environ["ADAPT_TEST_SIGTERM"].split(",")))
+    if os.environ.get("RANK") == "1" and os.environ.get("ADAPT_TEST_RANK1_ARGS"):
+        args += os.environ["ADAPT_TEST_RANK1_ARGS"].split()
     adapt_group.main(args, prog_name="adapt", standalone_mode=True)
 
 

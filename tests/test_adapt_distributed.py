@@ -298,3 +298,16 @@ def test_batch_norm_is_refused_for_several_cpu_processes():
     check_no_batch_norm(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
     with pytest.raises(AdaptError, match="batch norm layer"):
         check_no_batch_norm(torchvision.models.resnet18(weights=None, num_classes=2))
+
+
+@launched
+def test_a_process_started_with_other_settings_is_refused_by_every_process(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = adapt(tiny, finetune_args(tiny, out), 2, ADAPT_TEST_RANK1_ARGS="--lr 2e-3")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2, result.stderr[-4000:]
+    for line in errors:
+        assert "process 1 was started with other settings than process 0 (lr differ)" in line
+    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-4000:]
+    assert not out.exists()
