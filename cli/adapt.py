@@ -34,7 +34,35 @@ def _clear_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, FileNotFoundError, NotADirectoryError, UnknownNameError) as error:
+        _keep_refusal_status()
         raise CommandError(str(error)) from error
+
+
+def _keep_refusal_status() -> None:
+    """Under a launcher, make this refusing process end with status 2, at once.
+
+    Every process refuses together (adapt.training waits for all before raising), but
+    the first to exit makes torchrun send SIGTERM to the others, which would otherwise
+    still be tearing down their interpreter (torch, the process group) and be reported
+    as killed, not refused. The message is printed and nothing was written, so from here
+    on SIGTERM ends the process with status 2, and so does the exit itself, skipping
+    the teardown (an atexit hook that flushes the streams and calls os._exit).
+    """
+    import atexit
+    import os
+    import signal
+    import sys
+
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return
+
+    def refused(*_: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(2)
+
+    signal.signal(signal.SIGTERM, refused)
+    atexit.register(refused)
 
 
 def _positive(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -98,6 +126,7 @@ def _one_process_only(command: str) -> None:
     with _clear_errors():
         processes = launcher_world_size()
     if processes > 1:
+        _keep_refusal_status()
         raise CommandError(
             f"adapt {command} runs in one process, not under a launcher of {processes} "
             "processes: synthesize the references in one process, then start `adapt "

@@ -1,9 +1,10 @@
 """One process of a launcher running the `adapt` command line (tests/test_adapt_distributed.py
-starts two with `torch.distributed.run`, as `accelerate launch --cpu` does).
+starts two with `torch.distributed.run`, the launcher torchrun is).
 
-argv: the folder of the tiny CLIP's config, then the `adapt` arguments. The tiny CLIP is
-registered with open_clip and as the classifier `tiny-clip` (its two test templates)
-first, as the tests' own process does; the exit status is the command's (2: refused).
+argv: the folder of the tiny CLIP's config (`save_tiny_clip` wrote it), then the `adapt`
+arguments. The tiny CLIP is registered with open_clip and as the classifier `tiny-clip`
+(its two test templates) first, as the tests' own process does; the exit status is the
+command's (2: refused).
 
 `ADAPT_TEST_RANK1_ARGS`: arguments added to the command line of rank 1 only (a process
 started with other settings).
@@ -25,14 +26,19 @@ import torch
 
 def main() -> None:
     torch.set_num_threads(1)
+    import open_clip
+
     from classifiers import CLASSIFIERS
     from classifiers.clip import build_clip
     from classifiers.registry import Entry
     from cli.adapt import adapt_group
-    from tests.tiny_classifiers import CLIP_TEMPLATES, register_tiny_clip
+    from tests.tiny_classifiers import CLIP_TEMPLATES, TINY_ARCH
 
     models, *args = sys.argv[1:]
-    arch = register_tiny_clip(Path(models))
+    # The config file the test wrote (`register_tiny_clip` would rewrite it, while the
+    # other process may be reading it).
+    open_clip.add_model_config(Path(models) / f"{TINY_ARCH}.json")
+    arch = TINY_ARCH
     builder = partial(build_clip, "clip-b32", arch=arch, templates=list(CLIP_TEMPLATES))
     CLASSIFIERS._entries["tiny-clip"] = Entry("tiny-clip", builder, "tiny CLIP for tests")
     if os.environ.get("ADAPT_TEST_SIGTERM"):

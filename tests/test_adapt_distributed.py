@@ -1,5 +1,5 @@
 """`adapt personalize` and `adapt finetune` under a launcher: two CPU processes (gloo)
-started by `torch.distributed.run` (what `accelerate launch --cpu` and `torchrun` run),
+started by `torch.distributed.run` (torchrun; `accelerate launch --multi_gpu` runs it too),
 each the `adapt` command line (tests/distributed_adapt_child.py), on the tiny IF-II and
 CLIP of the other adapt tests.
 
