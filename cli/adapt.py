@@ -382,11 +382,24 @@ def personalize_command(**options: Any) -> None:
     """
     _check_references(options["references"])
     _check_prompt(options["prompt"], options["token"])
-    from cli.options import resolve_device  # loads torch: not for --help
-
-    device = resolve_device(options["device"])
+    device = _training_device(options["device"])
     out = _personalize(options, device, options["references"], options["out"])
     click.echo(f"LoRA weights: {out}")
+
+
+def _training_device(device: str) -> str:
+    """`--device` resolved; under a launcher with GPUs, probed on this process's own GPU
+    (LOCAL_RANK), so that no process opens a CUDA context on GPU 0 it will not use."""
+    import os
+
+    import torch
+
+    from cli.options import resolve_device
+
+    local_rank = os.environ.get("LOCAL_RANK", "")
+    if local_rank.isdigit() and device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(local_rank) % torch.cuda.device_count())
+    return resolve_device(device)
 
 
 def _train(train: Callable, config_type: type, options: dict[str, Any], device: str,
@@ -467,9 +480,7 @@ def finetune_command(**options: Any) -> None:
     """
     _check_references(options["references"])
     _check_prompt(options["prompt"], options["token"])
-    from cli.options import resolve_device  # loads torch: not for --help
-
-    device = resolve_device(options["device"])
+    device = _training_device(options["device"])
     out = _finetune(options, device, options["references"], options["out"], options["lora"])
     click.echo(f"classifier weights: {out / 'classifier.safetensors'}")
 
