@@ -50,6 +50,11 @@ steps = epochs * ceil(references / (batch size x grad_accum)). A checkpoint is w
 at the end of every epoch (10 epochs are only 10-40 steps at the paper's settings) and
 every `checkpoint_every` steps. Training images are resized to `resolution`, 224 by
 default: the evaluation size the reference trains at (96 for STL-10).
+
+Under a launcher (`accelerate launch`, `torchrun`) the processes train with DDP:
+`batch_size` is the global batch, each process takes its block of it
+(`adapt.training.process_share`), and only the main process writes. Batch norm layers
+(torchvision ResNets) are synchronized on GPUs and refused on CPU processes.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from adapt.training import (
     WEIGHT_DTYPES,
     Optimization,
     build_classifier_on,
+    check_batch_for_processes,
     check_finite_loss,
     check_int,
     check_number,
@@ -80,10 +86,13 @@ from adapt.training import (
     make_accelerator,
     make_optimizer,
     micro_slice,
+    open_run,
     prepare_run,
+    process_share,
     seed_everything,
     step_generator,
     train_steps,
+    training_device,
 )
 
 CONFIG_NAME = "finetune_config.json"
@@ -435,23 +444,25 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
                 "classifier_checkpoint": options.get("pretrained"),
                 "classifier_weights": options.get("weights")},
     )
+    accelerator = make_accelerator(config.mixed_precision, config.device)
+    device = training_device(accelerator, config.device)
+    batch_size = min(config.batch_size, len(references))
+    check_batch_for_processes("batch_size (--batch-size, capped at the number of references)",
+                              batch_size, accelerator)
     folder.check()  # refuse another run's folder before spending time on models
 
-    device = torch.device(config.device)
     seed_everything(config.seed)
     classifier, network = build_trainable_classifier(
         config.classifier, list(references.classes), config.classifier_options, device,
         config.templates,
     )
-    start = folder.open()
+    start = open_run(folder, accelerator)
     if start.complete:
         return folder.out
 
-    accelerator = make_accelerator(config.mixed_precision, device)
     denoiser = FrozenDenoiser(config, device)
     size = _reference_size(references, config.resolution)
     references = load_reference_set(config.references, size=size)
-    batch_size = min(config.batch_size, len(references))
     accumulate = config.grad_accum
     steps_per_epoch = math.ceil(len(references) / (batch_size * accumulate))
     total = config.epochs * steps_per_epoch
@@ -464,32 +475,40 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
         steps=total,
         parameters=trainable,
         max_grad_norm=config.max_grad_norm,
+        module=network,
     )
-    folder.write_record(
-        resolution=size,
-        batch_size=batch_size,
-        grad_accum=accumulate,
-        effective_batch_size=batch_size * accumulate,
-        steps=total,
-        steps_per_epoch=steps_per_epoch,
-        classes=list(references.classes),
-        num_references=len(references),
-        templates=getattr(classifier, "templates", None),
-        denoiser_info=denoiser.info,
-        trainable_parameters=sum(p.numel() for p in trainable),
-    )
+    if accelerator.is_main_process:
+        folder.write_record(
+            resolution=size,
+            batch_size=batch_size,
+            grad_accum=accumulate,
+            effective_batch_size=batch_size * accumulate,
+            processes=accelerator.num_processes,
+            batch_size_per_process=batch_size // accelerator.num_processes,
+            steps=total,
+            steps_per_epoch=steps_per_epoch,
+            classes=list(references.classes),
+            num_references=len(references),
+            templates=getattr(classifier, "templates", None),
+            denoiser_info=denoiser.info,
+            trainable_parameters=sum(p.numel() for p in trainable),
+        )
+    share = process_share(batch_size, accelerator)
 
     def compute(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float], dict[str, str]]:
+        # This process's share of the global micro-batch (all of it in one process).
         images, labels = load_batch(references, config.seed, step * accumulate + micro,
-                                    batch_size)
+                                    batch_size, share)
         images = fit_channels(images, denoiser.channels)
-        # The draws of the whole step (all micro-batches), sliced: as one big batch.
+        # The draws of the whole step (all micro-batches, all processes) from the one
+        # generator of (seed, step), as one process makes them, then sliced: micro-batch,
+        # then this process's share. Every process draws the same numbers.
         generator = step_generator(config.seed, STREAM_STEP, step)
         size = batch_size * accumulate
         draws = denoiser.draw(size, generator)
         noise = torch.randn((size, *images.shape[1:]), generator=generator)
         part = micro_slice(micro, batch_size)
-        denoised = denoiser.denoise(images, noise[part], draws[part])  # theta* frozen
+        denoised = denoiser.denoise(images, noise[part][share], draws[part][share])  # frozen
         labels = labels.to(device)
         with accelerator.autocast():
             logits = classifier_logits(classifier, denoised, config.text_batch_size)
@@ -510,6 +529,9 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
         grad_accum=accumulate, epoch_steps=steps_per_epoch,
     )
     classifier.eval()
+    if not accelerator.is_main_process:  # the weights are equal in every process
+        accelerator.wait_for_everyone()  # ... until the main process has written them
+        return folder.out
     save_classifier_weights(network, folder.weights_path)
     honour_umask(folder.weights_path)  # written through a private temporary file
     certify: dict[str, Any] = {
@@ -524,4 +546,5 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> Path:
         certify.update(lora=config.lora, prompt=config.prompt, token=config.token, k=config.k,
                        variant=config.variant)
     finish_run(folder, log, PLOT_COLUMNS, title="adapt finetune", certify=certify)
+    accelerator.wait_for_everyone()  # the result exists before any process reads it
     return folder.out

@@ -47,9 +47,12 @@ Choices, checked against the paper's code (ChoiDae1/robustify-T2I,
   processors (rank 4) adapt the same layers.
 - lam = 0 is plain DreamBooth: the classifier is then neither built nor called.
 
-Single process, one device. Randomness: batch order, timesteps and noise of step s come
-from generators seeded by (seed, s) (`adapt.training.step_generator`), drawn on the CPU,
-so a resumed run repeats an uninterrupted one exactly (on the same device and software).
+Randomness: batch order, timesteps and noise of step s come from generators seeded by
+(seed, s) (`adapt.training.step_generator`), drawn on the CPU, so a resumed run repeats
+an uninterrupted one exactly (on the same device and software). Under a launcher
+(`accelerate launch`, `torchrun`) the processes train with DDP: `batch_size` is the
+global batch, each process takes its block of it (`adapt.training.process_share`), and
+only the main process writes.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from adapt.training import (
     Optimization,
     bitsandbytes_module,
     build_classifier_on,
+    check_batch_for_processes,
     check_finite_loss,
     check_int,
     check_number,
@@ -82,10 +86,13 @@ from adapt.training import (
     make_accelerator,
     make_optimizer,
     micro_slice,
+    open_run,
     prepare_run,
+    process_share,
     seed_everything,
     step_generator,
     train_steps,
+    training_device,
 )
 from denoisers.lora_info import LORA_RECORD
 
@@ -271,12 +278,16 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
         config, kind="personalize", config_name=CONFIG_NAME, weights_name=LORA_WEIGHTS,
         inputs={"checkpoint": config.checkpoint, **_classifier_inputs(config)},
     )
-    start = folder.open()
+    accelerator = make_accelerator(config.mixed_precision, config.device)
+    device = training_device(accelerator, config.device)
+    batch_size = min(config.batch_size, len(references))
+    check_batch_for_processes("batch_size (--batch-size, capped at the number of references)",
+                              batch_size, accelerator)
+    folder.check()
+    start = open_run(folder, accelerator)
     if start.complete:
         return folder.out
 
-    device = torch.device(config.device)
-    accelerator = make_accelerator(config.mixed_precision, device)
     seed_everything(config.seed)
     parts = if2.load_if2(
         config.checkpoint,
@@ -294,7 +305,6 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
             f"resolution {resolution} is not a multiple of {multiple}, which this UNet needs"
         )
     references = load_reference_set(config.references, size=resolution)
-    batch_size = min(config.batch_size, len(references))
 
     seed_everything(config.seed)  # the LoRA initialisation
     lora = add_lora(unet, config.rank)
@@ -318,31 +328,39 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
         steps=config.steps,
         parameters=list(lora.values()),
         max_grad_norm=config.max_grad_norm,
+        module=unet,
     )
-    folder.write_record(
-        resolution=resolution,
-        batch_size=batch_size,
-        grad_accum=config.grad_accum,
-        effective_batch_size=batch_size * config.grad_accum,
-        classes=list(references.classes),
-        num_references=len(references),
-        prompt_text=parts.info["prompt"],
-        trainable_parameters=sum(p.numel() for p in lora.values()),
-    )
+    if accelerator.is_main_process:
+        folder.write_record(
+            resolution=resolution,
+            batch_size=batch_size,
+            grad_accum=config.grad_accum,
+            effective_batch_size=batch_size * config.grad_accum,
+            processes=accelerator.num_processes,
+            batch_size_per_process=batch_size // accelerator.num_processes,
+            classes=list(references.classes),
+            num_references=len(references),
+            prompt_text=parts.info["prompt"],
+            trainable_parameters=sum(p.numel() for p in lora.values()),
+        )
+    share = process_share(batch_size, accelerator)
     num_timesteps = int(scheduler.config.num_train_timesteps)
 
     accumulate = config.grad_accum
 
     def compute(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float], dict[str, str]]:
+        # This process's share of the global micro-batch (all of it in one process).
         images, labels = load_batch(references, config.seed, step * accumulate + micro,
-                                    batch_size)
-        # The draws of the whole step (all micro-batches), sliced: as one big batch.
+                                    batch_size, share)
+        # The draws of the whole step (all micro-batches, all processes) from the one
+        # generator of (seed, step), as one process makes them, then sliced: micro-batch,
+        # then this process's share. Every process draws the same numbers.
         generator = step_generator(config.seed, STREAM_STEP, step)
         size = batch_size * accumulate
         timesteps = torch.randint(0, num_timesteps, (size,), generator=generator)
         noise = torch.randn((size, *images.shape[1:]), generator=generator)
         part = micro_slice(micro, batch_size)
-        timesteps, noise = timesteps[part], noise[part]
+        timesteps, noise = timesteps[part][share], noise[part][share]
         with accelerator.autocast():
             loss, l_diff, l_clf = personalization_losses(
                 unet,
@@ -373,19 +391,21 @@ def personalize(config: PersonalizeConfig, progress: bool = True) -> Path:
         checkpoint_every=config.checkpoint_every, desc="personalize", progress=progress,
         grad_accum=accumulate,
     )
-    save_lora(unet, folder.out)
-    finish_run(
-        folder, log, PLOT_COLUMNS, title="adapt personalize",
-        certify={
-            "denoiser": "if2",
-            "denoiser_checkpoint": config.checkpoint,
-            "lora": str(folder.out),
-            "prompt": config.prompt,
-            "token": config.token,
-            "k": config.k,
-            "variant": config.variant,
-        },
-    )
+    if accelerator.is_main_process:  # the weights are equal in every process
+        save_lora(unet, folder.out)
+        finish_run(
+            folder, log, PLOT_COLUMNS, title="adapt personalize",
+            certify={
+                "denoiser": "if2",
+                "denoiser_checkpoint": config.checkpoint,
+                "lora": str(folder.out),
+                "prompt": config.prompt,
+                "token": config.token,
+                "k": config.k,
+                "variant": config.variant,
+            },
+        )
+    accelerator.wait_for_everyone()  # the result exists before any process reads it
     return folder.out
 
 

@@ -28,7 +28,14 @@
 - `plot_loss_curve`: the log as a PNG (matplotlib's object API with the Agg canvas: no
   pyplot, no global backend switch).
 - `progress_bar`: tqdm with the loss terms as postfix.
-- `make_accelerator`: an `accelerate.Accelerator` for one device and mixed precision.
+- `make_accelerator`: an `accelerate.Accelerator` for one device and mixed precision, or,
+  under a launcher (`WORLD_SIZE` > 1: `torchrun`, `accelerate launch`), the distributed one
+  (gloo on CPUs, nccl with a GPU per process). Several processes: `batch_size` is the
+  global batch and each process trains its block of it (`process_share`: the same
+  `stream_batch` indices and `step_generator` draws as one process, sliced), the trained
+  module runs under DDP (`data_parallel`), only the main process writes (`open_run`
+  opens the folder and tells the others; logs, checkpoints, weights), a signal reaching
+  one process stops all after the same step (`agree_on_signal`).
 - Settings both configs share: `check_training_settings` (folders, k, optimizer,
   schedule, checkpoints, seed, resolution, precision, classifier options) and
   `result_settings` (the settings a resumed run must repeat).
@@ -255,12 +262,32 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # -- accelerate -----------------------------------------------------------------------
 
 
-def make_accelerator(mixed_precision: str, device: str | torch.device) -> Any:
-    """An `accelerate.Accelerator` for one process on `device`, placing nothing itself.
+def launcher_world_size() -> int:
+    """How many processes the launcher started (`WORLD_SIZE`, which `torchrun`, `accelerate
+    launch` and `torch.distributed.run` set for every process); 1 without a launcher."""
+    value = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    try:
+        size = int(value)
+    except ValueError:
+        raise AdaptError(f"WORLD_SIZE={value!r} in the environment is not a number") from None
+    if size < 1:
+        raise AdaptError(f"WORLD_SIZE={value!r} in the environment must be >= 1")
+    return size
 
-    accelerate keeps one process-wide state and refuses a second Accelerator with another
-    precision; a single (non-distributed) process may train several times with different
-    settings (`adapt run` personalizes, then fine-tunes), so that state is reset here.
+
+def make_accelerator(mixed_precision: str, device: str | torch.device) -> Any:
+    """An `accelerate.Accelerator` for this process, placing nothing itself.
+
+    One process (no launcher): on `device`. accelerate keeps one process-wide state and
+    refuses a second Accelerator with another precision; a single process may train
+    several times with different settings (`adapt run` personalizes, then fine-tunes),
+    so that state is reset here.
+
+    Under a launcher (`WORLD_SIZE` > 1): the distributed Accelerator, one process per
+    device; `device` gives only the kind: "cpu" is gloo on the CPU, "cuda" is nccl with
+    each process on its own GPU (`cuda:LOCAL_RANK`, `accelerator.device`); an index
+    ("cuda:1") is refused, it would put every process on one GPU. The process group is
+    kept between trainings of one process (only the precision state is reset).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, DistributedType, PartialState
@@ -270,17 +297,109 @@ def make_accelerator(mixed_precision: str, device: str | torch.device) -> Any:
             f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}"
         )
     device = torch.device(device)
-    if device.type == "cuda" and device.index is not None:
+    world = launcher_world_size()
+    if world > 1 and device.index is not None:
+        raise AdaptError(
+            f"device {device} under a launcher of {world} processes: each process uses its "
+            f"own device (cuda:LOCAL_RANK); give --device {device.type}"
+        )
+    if world == 1 and device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)
     partial = PartialState._shared_state
     if partial and partial.get("distributed_type", DistributedType.NO) == DistributedType.NO:
         AcceleratorState._reset_state(reset_partial_state=True)
+    elif partial:  # distributed: keep the process group, allow another precision
+        AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             cpu=device.type == "cpu", mixed_precision=mixed_precision, device_placement=False
         )
     except (ValueError, RuntimeError) as error:  # e.g. fp16 without a GPU
         raise AdaptError(f"mixed_precision={mixed_precision!r} on {device}: {error}") from error
+    if world > 1 and accelerator.num_processes != world:
+        raise AdaptError(
+            f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es) "
+            f"on {device.type}: start the processes with accelerate launch or torchrun"
+        )
+    return accelerator
+
+
+def training_device(accelerator: Any, device: str | torch.device) -> torch.device:
+    """Where this process trains: `device` in one process, the process's own under a
+    launcher (`make_accelerator`)."""
+    return accelerator.device if accelerator.num_processes > 1 else torch.device(device)
+
+
+def check_batch_for_processes(name: str, batch_size: int, accelerator: Any) -> None:
+    """Refuse a global batch the processes cannot share equally: each takes
+    batch_size / processes images of it (`process_share`)."""
+    processes = accelerator.num_processes
+    if batch_size % processes:
+        # Every process finds this; the barrier lets each one report it before any exits
+        # (a launcher stops the others once one has ended).
+        accelerator.wait_for_everyone()
+        raise AdaptError(
+            f"{name} {batch_size} is the global batch, shared by {processes} processes: it "
+            f"must be a multiple of {processes} (each process takes an equal part). Nothing "
+            "was written"
+        )
+
+
+def process_share(batch_size: int, accelerator: Any) -> slice:
+    """This process's part of a global micro-batch of `batch_size` images: the
+    contiguous block batch_size / processes long at its rank.
+
+    Every process draws the whole step as one process would (the same `stream_batch`
+    indices and `step_generator` draws, from the same (seed, stream, step)) and keeps
+    its block, so the processes' blocks put together are exactly the one-process batch;
+    equal blocks make the mean of their mean losses the mean over the global batch, and
+    DDP's gradient (the mean over processes) the one-process gradient.
+    """
+    per_process = batch_size // accelerator.num_processes
+    start = accelerator.process_index * per_process
+    return slice(start, start + per_process)
+
+
+def open_run(folder: RunFolder, accelerator: Any) -> RunStart:
+    """`folder.open()` by the main process only; the others get its answer.
+
+    Every process has checked the folder (read only) before the settings are gathered
+    (which waits for all), so none reads while the main process writes or deletes. The
+    processes' settings must be equal (else every process raises `AdaptError`). The main
+    process's RunStart, or its refusal, is broadcast: a refusal raises the same
+    `AdaptError` in every process.
+    """
+    if accelerator.num_processes == 1:
+        return folder.open()
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    # All processes must run the same training (a node started with other options, or
+    # another reference set, would train something else): compare before any write.
+    settings = gather_object([folder.settings])
+    for rank, other in enumerate(settings):
+        if other != settings[0]:
+            changed = sorted(key for key in set(other) | set(settings[0])
+                             if other.get(key) != settings[0].get(key))
+            raise AdaptError(
+                f"process {rank} was started with other settings than process 0 "
+                f"({', '.join(changed)} differ): start every process with the same command "
+                "and inputs. Nothing was written"
+            )
+    answer: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            start = folder.open()
+            answer = [("start", start.step, None if start.checkpoint is None
+                       else str(start.checkpoint), start.complete)]
+        except AdaptError as error:
+            answer = [("error", str(error))]
+    answer = broadcast_object_list(answer, from_process=0)
+    kind, *rest = answer[0]
+    if kind == "error":
+        raise AdaptError(rest[0])
+    step, checkpoint, complete = rest
+    return RunStart(step=step, checkpoint=None if checkpoint is None else Path(checkpoint),
+                    complete=complete)
 
 
 # -- output folder ----------------------------------------------------------------------
@@ -729,6 +848,55 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, steps: int) -
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
 
 
+class RunInside(torch.nn.Module):
+    """A module whose forward calls the function it is given: DDP wraps it so that a
+    training step's own code (which calls the trained module's parts directly: IF-II's
+    UNet through `denoise_at_timesteps`, CLIP's text tower through `encode_text` in
+    chunks) runs inside DDP's forward, where DDP prepares the gradient reduction."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, function: Callable[..., Any], *args: Any) -> Any:
+        return function(*args)
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module` under torch's DistributedDataParallel, on the process group accelerate set up.
+
+    Built here rather than by `accelerator.prepare(model)`, which would also run the
+    forward under autocast: mixed precision stays where the one-process code puts it.
+    Batch norm is synchronized across processes (SyncBatchNorm, GPUs only), so its
+    statistics are those of the global batch; on CPUs `check_no_batch_norm` refuses it.
+    Buffers are not broadcast at each forward: they are equal in every process (the same
+    weights, loaded the same way, and SyncBatchNorm updates them alike).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cpu":
+        check_no_batch_norm(module)
+    else:
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return DistributedDataParallel(
+        RunInside(module), device_ids=None if device.type == "cpu" else [device.index],
+        forward_sync_buffers=False,
+    )
+
+
+def check_no_batch_norm(module: torch.nn.Module) -> None:
+    """Refuse batch norm layers in a module trained by several CPU processes."""
+    found = [name for name, layer in module.named_modules()
+             if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)]
+    if found:
+        raise AdaptError(
+            f"{len(found)} batch norm layer(s) ({found[0]}, ...) would normalize each "
+            "process's share of the batch on its own, which is not the one-process result; "
+            "torch synchronizes batch norm on GPUs only: train this classifier in one CPU "
+            "process or on GPUs"
+        )
+
+
 class Optimization:
     """The update of a training step and its resumable state.
 
@@ -737,6 +905,12 @@ class Optimization:
     optimizer and learning-rate schedule steps, gradients reset.
     `state_dict()` / `load_state_dict(state)`: optimizer, schedule, loss scaler and the
     global RNG states, as a checkpoint's `state.pt` holds them.
+
+    Several processes (a launcher): `module`, the module holding the trained parameters,
+    is wrapped in torch's DistributedDataParallel, and every micro-batch runs through
+    `run` inside DDP's forward, so DDP averages the gradients over the processes in the
+    backward of the step's last micro-batch (the others under `no_sync`: their
+    gradients add up locally first, as in one process).
     """
 
     def __init__(
@@ -748,15 +922,36 @@ class Optimization:
         steps: int,
         parameters: list[torch.nn.Parameter],
         max_grad_norm: float | None,
+        module: torch.nn.Module | None = None,
     ):
         self.accelerator = accelerator
         self.lr_scheduler = make_lr_scheduler(optimizer, lr_scheduler, steps)
         self.optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16
         self.parameters = parameters
         self.max_grad_norm = max_grad_norm
+        self.parallel = None
+        if accelerator.num_processes > 1:
+            if module is None:
+                raise ValueError("several processes need the trained module (module=...)")
+            self.parallel = data_parallel(module, accelerator.device)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Add the gradient of `loss` to the parameters' gradients."""
+    def run(self, compute: StepLoss, step: int, micro: int, last: bool) -> Any:
+        """`compute(step, micro)`; under DDP inside its forward, gradients synchronized in
+        the backward of the `last` micro-batch of the step only."""
+        if self.parallel is None:
+            return compute(step, micro)
+        if last:
+            return self.parallel(compute, step, micro)
+        with self.parallel.no_sync():
+            return self.parallel(compute, step, micro)
+
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Add the gradient of `loss` to the parameters' gradients (under DDP, `last` must be
+        the `last` of the `run` that computed `loss`)."""
+        if self.parallel is not None and not last:
+            with self.parallel.no_sync():
+                self.accelerator.backward(loss)
+            return
         self.accelerator.backward(loss)
 
     def update(self) -> float:
@@ -806,12 +1001,14 @@ def build_classifier_on(
 
 
 def load_batch(
-    references: Any, seed: int, index: int, batch_size: int
+    references: Any, seed: int, index: int, batch_size: int, part: slice | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [B, 3, H, W] in [0, 1] and labels [B] of batch `index` (0-based) in the
     stream of shuffled epochs (`stream_batch`); with gradient accumulation G, step s
-    reads batches s G .. s G + G - 1."""
-    items = [references[i] for i in stream_batch(seed, index, batch_size, len(references))]
+    reads batches s G .. s G + G - 1. `part`: only those positions of the batch (a
+    process's share, `process_share`)."""
+    indices = stream_batch(seed, index, batch_size, len(references))
+    items = [references[i] for i in (indices if part is None else indices[part])]
     images = torch.stack([image for image, _ in items])
     labels = torch.tensor([int(label) for _, label in items], dtype=torch.long)
     return images, labels
@@ -912,38 +1109,52 @@ def train_steps(
     micro-batches), the progress bar; a checkpoint and the loss curve every
     `checkpoint_every` steps (0: never), after every `epoch_steps` steps (None: no
     epochs), and when SIGINT/SIGTERM arrives (then the signal is delivered). Return the
-    loss log."""
+    loss log.
+
+    Several processes: every process resumes from the same checkpoint (the main process
+    writes or prunes one only after the first step's gradient reduction, which waits for
+    all); only the main process writes the log, the checkpoints and the curve; the
+    logged values are means over the processes (equal shares: the global batch's); a
+    signal reaching any process stops all of them after the same step, once the main
+    process has written its checkpoint."""
+    accelerator = optimization.accelerator
+    main = accelerator.is_main_process
     if start.checkpoint is not None:
         saved, state = folder.checkpoints.load(start.checkpoint)
         load_into(weights, saved)
         optimization.load_state_dict(state)
     log = LossLog(folder.loss_log_path, log_columns)
-    log.start(start.step)
-    bar = progress_bar(steps, start.step, desc, progress)
+    if main:
+        log.start(start.step)
+    bar = progress_bar(steps, start.step, desc, progress and main)
     try:
         with DeferredSignals() as signals:
             for step in range(start.step, steps):
                 began = time.perf_counter()
                 totals: dict[str, float] = {}
                 for micro in range(grad_accum):
-                    loss, values, postfix = compute(step, micro)
-                    optimization.backward(loss / grad_accum if grad_accum > 1 else loss)
+                    last = micro == grad_accum - 1
+                    loss, values, postfix = optimization.run(compute, step, micro, last)
+                    optimization.backward(loss / grad_accum if grad_accum > 1 else loss, last)
                     for name, value in values.items():
                         totals[name] = totals.get(name, 0.0) + float(value) / grad_accum
                 lr = optimization.update()
                 done = step + 1
                 row = values if grad_accum == 1 else totals
-                log.append({**row, "step": done, "lr": lr,
-                            "seconds": time.perf_counter() - began})
+                row = mean_over_processes(row, accelerator)
+                if main:
+                    log.append({**row, "step": done, "lr": lr,
+                                "seconds": time.perf_counter() - began})
                 bar.update(1)
                 bar.set_postfix(postfix)
                 periodic = bool(checkpoint_every) and done % checkpoint_every == 0
                 epoch_end = bool(epoch_steps) and done % epoch_steps == 0
-                interrupted = signals.received is not None
-                if interrupted or ((periodic or epoch_end) and done < steps):
+                interrupted = agree_on_signal(signals, accelerator)
+                if main and (interrupted or ((periodic or epoch_end) and done < steps)):
                     folder.checkpoints.save(done, weights, optimization.state_dict())
                     plot_loss_curve(log, folder.loss_curve_path, plot_columns)
                 if interrupted:
+                    accelerator.wait_for_everyone()  # none ends before the checkpoint exists
                     bar.close()
                     signals.deliver()
     finally:
@@ -951,12 +1162,43 @@ def train_steps(
     return log
 
 
+def mean_over_processes(values: Mapping[str, float], accelerator: Any) -> dict[str, float]:
+    """The means over the processes of each process's logged values (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return dict(values)
+    import torch.distributed as dist
+
+    names = list(values)
+    device = accelerator.device  # gloo: the CPU; nccl: the process's GPU
+    tensor = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    tensor /= accelerator.num_processes
+    return dict(zip(names, tensor.tolist(), strict=True))
+
+
+def agree_on_signal(signals: DeferredSignals, accelerator: Any) -> bool:
+    """Whether a held SIGINT/SIGTERM reached this process or (several processes) any other,
+    which then acts in every process: a scheduler may signal one process only, and the
+    others would otherwise wait in the next step's reduction for ever."""
+    if accelerator.num_processes == 1:
+        return signals.received is not None
+    import torch.distributed as dist
+
+    device = accelerator.device  # gloo: the CPU; nccl: the process's GPU
+    number = torch.tensor([signals.received or 0], dtype=torch.int64, device=device)
+    dist.all_reduce(number, op=dist.ReduceOp.MAX)
+    if signals.received is None and int(number) != 0:
+        signals.received = int(number)
+    return signals.received is not None
+
+
 def finish_run(
     folder: RunFolder, log: LossLog, plot_columns: Sequence[str], *, title: str,
     certify: Mapping[str, Any],
 ) -> None:
     """After the weights are saved: the loss curve, the record marked complete with the
-    final losses and the `certify` options that use the result, the checkpoints deleted."""
+    final losses and the `certify` options that use the result, the checkpoints deleted.
+    (Main process only, when there are several.)"""
     plot_loss_curve(log, folder.loss_curve_path, plot_columns, title=title)
     folder.finish(final=final_losses(log), certify=dict(certify))
     # The weights file is the result: the resumable state is no longer needed.

@@ -34,7 +34,35 @@ def _clear_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, FileNotFoundError, NotADirectoryError, UnknownNameError) as error:
+        _keep_refusal_status()
         raise CommandError(str(error)) from error
+
+
+def _keep_refusal_status() -> None:
+    """Under a launcher, make this refusing process end with status 2, at once.
+
+    Every process refuses together (adapt.training waits for all before raising), but
+    the first to exit makes torchrun send SIGTERM to the others, which would otherwise
+    still be tearing down their interpreter (torch, the process group) and be reported
+    as killed, not refused. The message is printed and nothing was written, so from here
+    on SIGTERM ends the process with status 2, and so does the exit itself, skipping
+    the teardown (an atexit hook that flushes the streams and calls os._exit).
+    """
+    import atexit
+    import os
+    import signal
+    import sys
+
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return
+
+    def refused(*_: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(2)
+
+    signal.signal(signal.SIGTERM, refused)
+    atexit.register(refused)
 
 
 def _positive(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -88,6 +116,22 @@ def _check_references(references: str) -> None:
 
     with _clear_errors():
         load_reference_set(references)
+
+
+def _one_process_only(command: str) -> None:
+    """Refuse `command` under a launcher: every process would write the same reference
+    images. personalize and finetune are the steps that train with several processes."""
+    from adapt.training import launcher_world_size
+
+    with _clear_errors():
+        processes = launcher_world_size()
+    if processes > 1:
+        _keep_refusal_status()
+        raise CommandError(
+            f"adapt {command} runs in one process, not under a launcher of {processes} "
+            "processes: synthesize the references in one process, then start `adapt "
+            "personalize` and `adapt finetune` with the launcher (docs/adapt.md, Several GPUs)"
+        )
 
 
 def _check_prompt(prompt: str | None, token: str | None) -> None:
@@ -145,7 +189,8 @@ _PERSONALIZE_OPTIONS = _options(
                  help="Personalization learning rate (App. A.4: 1e-4)."),
     click.option("--batch-size", type=int, default=24, callback=_positive,
                  help="Personalization batch size (App. A.4: 24, which was 4 GPUs x 6: "
-                      "--batch-size 6 --grad-accum 4 is the same effective batch)."),
+                      "--batch-size 6 --grad-accum 4 is the same effective batch). Under a "
+                      "launcher the global batch: each process takes batch / processes."),
     click.option("--grad-accum", type=int, default=1, callback=_positive,
                  help="Micro-batches of --batch-size per update (effective batch: their "
                       "product; the same gradient as one batch of that size)."),
@@ -193,7 +238,8 @@ def _finetune_options(prefix: str) -> Callable:
         click.option(f"--{prefix}lr", type=float, default=5e-7, callback=_positive,
                      help="Classifier fine-tuning learning rate (App. A.4: 5e-7)."),
         click.option(f"--{prefix}batch-size", type=int, default=256, callback=_positive,
-                     help="Classifier fine-tuning batch size (App. A.4: 256)."),
+                     help="Classifier fine-tuning batch size (App. A.4: 256; under a "
+                          "launcher the global batch)."),
         click.option(f"--{prefix}grad-accum", type=int, default=1, callback=_positive,
                      help="Fine-tuning micro-batches per update (effective batch: "
                           f"--{prefix}batch-size x this)."),
@@ -275,6 +321,7 @@ def synthesize_command(**options: Any) -> None:
     classes after the existing ones. The manifest records prompt, seed and model ids
     of every image.
     """
+    _one_process_only("synthesize")
     classes = _class_names(options["labels"], options["dataset"])
     from cli.options import resolve_device  # loads torch: not for --help
 
@@ -335,11 +382,24 @@ def personalize_command(**options: Any) -> None:
     """
     _check_references(options["references"])
     _check_prompt(options["prompt"], options["token"])
-    from cli.options import resolve_device  # loads torch: not for --help
-
-    device = resolve_device(options["device"])
+    device = _training_device(options["device"])
     out = _personalize(options, device, options["references"], options["out"])
     click.echo(f"LoRA weights: {out}")
+
+
+def _training_device(device: str) -> str:
+    """`--device` resolved; under a launcher with GPUs, probed on this process's own GPU
+    (LOCAL_RANK), so that no process opens a CUDA context on GPU 0 it will not use."""
+    import os
+
+    import torch
+
+    from cli.options import resolve_device
+
+    local_rank = os.environ.get("LOCAL_RANK", "")
+    if local_rank.isdigit() and device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(local_rank) % torch.cuda.device_count())
+    return resolve_device(device)
 
 
 def _train(train: Callable, config_type: type, options: dict[str, Any], device: str,
@@ -420,9 +480,7 @@ def finetune_command(**options: Any) -> None:
     """
     _check_references(options["references"])
     _check_prompt(options["prompt"], options["token"])
-    from cli.options import resolve_device  # loads torch: not for --help
-
-    device = resolve_device(options["device"])
+    device = _training_device(options["device"])
     out = _finetune(options, device, options["references"], options["out"], options["lora"])
     click.echo(f"classifier weights: {out / 'classifier.safetensors'}")
 
@@ -475,6 +533,7 @@ def run_command(**options: Any) -> None:
     OUT/certify_command.txt) the `certify` command that evaluates the robustified
     classifier on your data. Rerunning the same command resumes where it stopped.
     """
+    _one_process_only("run")
     classes = _class_names(options["labels"], options["dataset"])
     templates, classes = _apply_protocol(options, classes)
     _check_prompt(options["prompt"], options["token"])

@@ -450,3 +450,18 @@ def test_adapt_run_protocol_refusals(tmp_path, labels):
                        "--out", tmp_path / "c")
     assert uncovered.exit_code == 2 and "does not cover" in uncovered.output
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+@pytest.mark.parametrize("command", ["synthesize", "run"])
+def test_synthesize_and_run_are_refused_under_a_launcher(labels, tmp_path, monkeypatch, command):
+    # every process of a launcher would write the same reference images
+    import cli.adapt
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    kept = []  # in a launcher's process: exit status 2 whatever comes (not in pytest's)
+    monkeypatch.setattr(cli.adapt, "_keep_refusal_status", lambda: kept.append(True))
+    out = tmp_path / "out"
+    result = invoke(command, "--labels", labels("dog\ncat\n"), "--out", out, "--device", "cpu")
+    assert_refused(result, f"adapt {command} runs in one process", "2 processes",
+                   "adapt personalize")
+    assert kept and not out.exists()
