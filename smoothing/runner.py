@@ -11,6 +11,7 @@ interrupted, resumed or split over processes (one NAME each: a writer holds
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -580,19 +581,29 @@ def _one_example(
     x = image.to(settings.device)
     generator = example_generator(settings.seed, index, settings.device)
     started = time.perf_counter()
+    radius = base_prediction = None
     if settings.mode == "certify":
         prediction, radius = _certify(smooth, x, int(label), settings, generator)
-        row = {"radius": floor_radius(radius)}
     else:
         prediction = smooth.predict(x, settings.n, settings.alpha, settings.batch_size, generator)
         base_prediction = smooth.base_predict(x)
+    return _row(index, int(label), prediction, time.perf_counter() - started, radius,
+                base_prediction)
+
+
+def _row(
+    index: int, label: int, prediction: int, elapsed: float, radius: float | None = None,
+    base_prediction: int | None = None,
+) -> dict[str, Any]:
+    """A certify row (give `radius`) or a predict row (give `base_prediction`)."""
+    if radius is not None:
+        row: dict[str, Any] = {"radius": floor_radius(radius)}
+    else:
+        # seed 004, App. A.3: an abstention is scored by the base classifier's clean answer
         scored = base_prediction if prediction == Smooth.ABSTAIN else prediction
         row = {"base_predict": base_prediction, "clean_correct": int(scored == label)}
-    elapsed = time.perf_counter() - started
-    row.update(
-        idx=index, label=int(label), predict=prediction, correct=int(prediction == label),
-        time=f"{elapsed:.3f}",
-    )
+    row.update(idx=index, label=label, predict=prediction, correct=int(prediction == label),
+               time=f"{elapsed:.3f}")
     return row
 
 
@@ -629,7 +640,7 @@ class _PackedRows:
     def _group(self, index: int) -> list[int]:
         size = self.settings.examples_per_pass()
         group = []
-        for candidate in self.indices[self.position[index]:]:
+        for candidate in itertools.islice(self.indices, self.position[index], None):
             if candidate not in self.results.done and candidate not in self.ready:
                 group.append(candidate)
             if len(group) == size:
@@ -677,16 +688,11 @@ class _PackedRows:
                 prediction, radius = stats.certify_from_counts(
                     counts[k], counts[len(loaded) + k], settings.alpha, smooth.sigma
                 )
-                row: dict[str, Any] = {"radius": floor_radius(radius)}
+                row = _row(candidate, label, prediction, elapsed, radius=radius)
             else:
                 prediction = stats.predict_from_counts(counts[k], settings.alpha)
-                scored = base[k] if prediction == Smooth.ABSTAIN else prediction
-                row = {"base_predict": base[k], "clean_correct": int(scored == label)}
-            row.update(
-                idx=candidate, label=label, predict=prediction,
-                correct=int(prediction == label), time=f"{elapsed:.3f}",
-                forward_passes=per_example if self.counter is not None else None,
-            )
+                row = _row(candidate, label, prediction, elapsed, base_prediction=base[k])
+            row["forward_passes"] = per_example if self.counter is not None else None
             self.ready[candidate] = row
 
 
