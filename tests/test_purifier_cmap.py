@@ -359,3 +359,9 @@ def test_the_bundled_digits_model_is_the_default(cm_dir):
     assert purified.settings["checkpoint"] == str(BUNDLED_DIGITS_CM)
     purified.generator = seeded(0)
     assert purified(digits_like()).shape == (2, 10)
+
+
+def test_an_unknown_option_is_refused_by_name_before_any_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="CMAP has no option num_latent$"):
+        build_purifier("cmap", classifier=nn.Identity(), checkpoint=tmp_path / "absent",
+                       num_latent=4)

@@ -361,3 +361,9 @@ def test_eot_averages_fresh_draws_of_the_random_defense_and_pgd_runs_through_it(
                 random_start=False)
     # one signed step of 4/3 eps along a non-zero exact gradient moves every example
     assert (ThreatModel("linf", 8 / 255).distance(x_adv, x) > 0).all()
+
+
+def test_an_unknown_option_is_refused_by_name_before_any_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="LGAP has no option guidance, steps$"):
+        build_purifier("lgap", classifier=nn.Identity(), ldm_checkpoint=tmp_path / "absent",
+                       steps=10, guidance=2.0)

@@ -69,6 +69,7 @@ from a mid timestep, after Lee & Kim 2023); that surrogate is not implemented he
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -511,30 +512,20 @@ def build(
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
     variant: str | None = None,
-    num_latents: int = 8,
-    steps: int = 100,
-    lr: float = 0.05,
-    distribution_weight: float = 1.0,
-    ssim_weight: float = 1.0,
-    ssim_kernel_size: int = 11,
-    ssim_sigma: float = 1.5,
-    moments: str = "per_dimension",
-    optimizer: str = "adam",
-    label_policy: str = "random",
-    label: int | None = None,
-    resize: bool = False,
+    **hyperparameters: Any,
 ) -> CMAPClassifier:
     """CMAP around `classifier` with the consistency model at `checkpoint`.
 
     `checkpoint`: a `ConsistencyModelPipeline` directory or hub id (e.g.
     openai/diffusers-cd_imagenet64_l2, read from the local Hugging Face cache); by default
-    the digits consistency model bundled with the package (8 x 8, 1 channel). Every
-    hyperparameter default is our choice (the seed lost its numbers; module docstring):
-    `num_latents` K = 8, `steps` 100, `lr` 0.05 (`optimizer` "adam" or "sgd"),
-    `distribution_weight` lambda = 1, `ssim_weight` gamma = 1, SSIM window 11 / sigma 1.5,
-    `moments` "per_dimension" or "pooled", `label_policy` "random" | "fixed" (with
-    `label`) | "predicted" for class-conditional models, `resize` to fit inputs of another
-    size to the model's. `gradient`: "exact", "official" or "bpda" (module docstring).
+    the digits consistency model bundled with the package (8 x 8, 1 channel).
+    `hyperparameters` are `CMAPPurifier`'s keywords, with its defaults, all of them our
+    choice (the seed lost its numbers; module docstring): `num_latents` K = 8, `steps` 100,
+    `lr` 0.05 (`optimizer` "adam" or "sgd"), `distribution_weight` lambda = 1,
+    `ssim_weight` gamma = 1, SSIM window 11 / sigma 1.5, `moments` "per_dimension" or
+    "pooled", `label_policy` "random" | "fixed" (with `label`) | "predicted" for
+    class-conditional models, `resize` to fit inputs of another size to the model's.
+    `gradient`: "exact", "official" or "bpda" (module docstring).
     """
     check_gradient(gradient)
     if not isinstance(classifier, nn.Module):
@@ -542,6 +533,10 @@ def build(
             f"CMAP wraps a torch.nn.Module classifier (images in [0, 1] -> logits), got "
             f"{type(classifier).__name__}"
         )
+    known = set(inspect.signature(CMAPPurifier).parameters) - {"model"}
+    unknown = sorted(set(hyperparameters) - known)
+    if unknown:  # before the model is loaded
+        raise ValueError(f"CMAP has no option {', '.join(unknown)}")
     if checkpoint is None:
         checkpoint = BUNDLED_DIGITS_CM
         if not (Path(checkpoint) / "unet").is_dir():
@@ -551,22 +546,7 @@ def build(
                 "openai/diffusers-cd_imagenet64_l2); no bundled digits model is installed"
             )
     model = ConsistencyFunction.from_pretrained(checkpoint, device=device, variant=variant)
-    purifier = CMAPPurifier(
-        model,
-        gradient=gradient,
-        num_latents=num_latents,
-        steps=steps,
-        lr=lr,
-        distribution_weight=distribution_weight,
-        ssim_weight=ssim_weight,
-        ssim_kernel_size=ssim_kernel_size,
-        ssim_sigma=ssim_sigma,
-        moments=moments,
-        optimizer=optimizer,
-        label_policy=label_policy,
-        label=label,
-        resize=resize,
-    )
+    purifier = CMAPPurifier(model, gradient=gradient, **hyperparameters)
     settings = {"purifier": "cmap", "checkpoint": str(checkpoint), "variant": variant,
                 **purifier.settings()}
     return CMAPClassifier(purifier, classifier.to(device), gradient=gradient, settings=settings)

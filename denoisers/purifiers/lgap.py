@@ -46,6 +46,7 @@ The purifier is random (latent sample and noise from `generator`): attack it wit
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -391,26 +392,11 @@ def load_purifier(
 
 
 def build(
-    *,
-    classifier: nn.Module,
-    gradient: str = "exact",
-    caption_checkpoint: str | Path = DEFAULT_CAPTION_CHECKPOINT,
-    ldm_checkpoint: str | Path = DEFAULT_LDM_CHECKPOINT,
-    strength: float = STRENGTH_CIFAR,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    eta: float = 0.0,
-    resolution: int | None = 512,
-    num_beams: int = CAPTION_DECODING["num_beams"],
-    max_length: int = CAPTION_DECODING["max_length"],
-    min_length: int = CAPTION_DECODING["min_length"],
-    gradient_checkpointing: bool = True,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = "fp32",
-    variant: str | None = None,
+    *, classifier: nn.Module, gradient: str = "exact", **options: Any
 ) -> PurifiedClassifier:
     """LGAP in front of `classifier` (seed 001; see the module docstring).
 
+    `options` are `load_purifier`'s keywords, with its defaults:
     strength: the paper's noise parameter t (Sec. 4.1): 0.5 for CIFAR-10/100 (default),
         0.1 for ImageNet.
     caption_checkpoint: BLIP captioner, hub id or folder (our choice of variant:
@@ -435,11 +421,8 @@ def build(
             f"LGAP wraps a torch.nn.Module classifier of [B, C, H, W] images in [0, 1], "
             f"got {type(classifier).__name__}"
         )
-    purifier, settings = load_purifier(
-        caption_checkpoint=caption_checkpoint, ldm_checkpoint=ldm_checkpoint, strength=strength,
-        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-        resolution=resolution, num_beams=num_beams, max_length=max_length,
-        min_length=min_length, gradient_checkpointing=gradient_checkpointing, device=device,
-        dtype=dtype, variant=variant,
-    )
+    unknown = sorted(set(options) - set(inspect.signature(load_purifier).parameters))
+    if unknown:
+        raise ValueError(f"LGAP has no option {', '.join(unknown)}")
+    purifier, settings = load_purifier(**options)
     return PurifiedClassifier(purifier, classifier, gradient=gradient, settings=settings)
