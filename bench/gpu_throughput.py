@@ -342,16 +342,18 @@ def build_pipeline(context: Context, folder: Path) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def stage_throughput(context: Context, record: dict[str, Any]) -> None:
+def ensure_model(context: Context, record: dict[str, Any]) -> None:
+    """Build the smoothed pipeline and count its FLOPs per sample, once (stage b, or stage c
+    when run without b)."""
     from cli.options import DTYPES
-    from denoisers.pipeline import DenoiseAndClassify
     from smoothing.core import Smooth
 
+    if context.smooth is not None:
+        return
     device, profile = context.device, context.profile
     started = time.perf_counter()
     model = build_pipeline(context, context.scratch / "models")
     smooth = Smooth(model, len(context.classes), SIGMA, DTYPES[context.dtype])
-    context.smooth = smooth
     record["model"] = ("tiny IF-II + tiny CLIP (test suite)" if profile.tiny else
                        "IF-II-L + CLIP ViT-B/32, random weights from the public configs")
     record["build_s"] = time.perf_counter() - started
@@ -359,8 +361,18 @@ def stage_throughput(context: Context, record: dict[str, Any]) -> None:
     autocast = smooth._autocast(torch.device(device))
     context.flops_per_sample = count_flops(model, profile.size, device, autocast)
     record["flops_per_sample"] = context.flops_per_sample
+    context.smooth = smooth
     say(f"[b] {record['model']}: {record['parameters'] / 1e6:.1f} M parameters, "
         f"{context.flops_per_sample / 1e12:.4g} TFLOP per noisy sample at {profile.size}")
+
+
+def stage_throughput(context: Context, record: dict[str, Any]) -> None:
+    from denoisers.pipeline import DenoiseAndClassify
+
+    device, profile = context.device, context.profile
+    ensure_model(context, record)
+    smooth = context.smooth
+    model = smooth.base_classifier
     generator = torch.Generator(device=device).manual_seed(0)
     rows = record.setdefault("micro_batches", [])
     for size in profile.micro_batches:
@@ -370,13 +382,12 @@ def stage_throughput(context: Context, record: dict[str, Any]) -> None:
         split = DenoiseAndClassify(model.denoiser, model.classifier, SIGMA, micro_batch=size)
         noisy = torch.rand((size, 3, profile.size, profile.size), generator=generator,
                            device=device)
-        try:
-            rows.append(time_forward(split, noisy, smooth, profile.seconds_per_micro_batch))
-        except torch.cuda.OutOfMemoryError:
-            rows.append({"micro_batch": size, "skipped": "CUDA out of memory"})
-            torch.cuda.empty_cache()
+        row = time_forward(split, noisy, smooth, profile.seconds_per_micro_batch)
+        rows.append(row)
+        if split.micro_batch != size:  # the pipeline halved it after running out of memory
+            row["out_of_memory"] = f"halved to {split.micro_batch}: the row is not of {size}"
+            say(f"[b] micro-batch {size}: out of memory ({row['out_of_memory']}); stopping")
             break
-        row = rows[-1]
         row["tflops"] = row["samples_per_s"] * context.flops_per_sample / 1e12
         row["fraction_of_peak"] = fraction(row["tflops"], context.peak)
         say(f"[b] micro-batch {size}: {row['samples_per_s']:.1f} samples/s, "
@@ -459,7 +470,10 @@ def certify_one(context: Context, results: Any, settings: Any, dataset: RandomIm
     from smoothing.runner import run
 
     index = count - 1
+    cuda = torch.device(context.device).type == "cuda"
     synchronize(context.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(context.device)
     started = time.perf_counter()
     run(context.smooth, dataset, range(count), results, settings, progress=False)
     synchronize(context.device)
@@ -470,7 +484,11 @@ def certify_one(context: Context, results: Any, settings: Any, dataset: RandomIm
     if draws is not None and context.flops_per_sample:
         achieved = draws * context.flops_per_sample / seconds / 1e12
     return {"row": row, "draws": draws, "seconds": seconds, "tflops": achieved,
-            "fraction_of_peak": fraction(achieved, context.peak)}
+            "fraction_of_peak": fraction(achieved, context.peak),
+            # set only when an out-of-memory error halved the automatic micro-batch
+            "micro_batch_after_halving": context.smooth.base_classifier.micro_batch,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(context.device) if cuda
+            else None}
 
 
 def summarize(images: list[dict[str, Any]]) -> dict[str, Any]:
@@ -485,8 +503,7 @@ def stage_certify(context: Context, record: dict[str, Any]) -> None:
     from denoisers.pipeline import default_micro_batch
     from smoothing.runner import ResultFile
 
-    if context.smooth is None:
-        raise RuntimeError("stage b did not build the model")
+    ensure_model(context, record)
     profile, device, budget = context.profile, context.device, context.budget
     count = max(profile.full_images, profile.sequential_images)
     dataset = RandomImages(count, profile.size, context.classes)

@@ -63,6 +63,16 @@ class _Denoise(torch.nn.Module):
         return self.pipeline.denoiser(noisy, self.pipeline.sigma)
 
 
+@pytest.mark.slow
+def test_projection_constant_is_the_draw_fraction_bench_sequential_measures():
+    from bench.sequential import cohen_population
+
+    record = cohen_population()
+    if record is None:
+        pytest.skip("../shared/reference/cohen2019 is not there")
+    assert round(record["samples_ratio"], 3) == COHEN_POPULATION_DRAW_FRACTION
+
+
 @pytest.mark.parametrize(("name", "peak"), [
     ("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
     ("NVIDIA L40S", 362.0), ("NVIDIA H100 PCIe", None), ("NVIDIA H200 NVL", None),
@@ -210,7 +220,6 @@ def _cli_rows(stem):
     return rows, [passes[r["idx"]] for r in rows]
 
 
-@pytest.mark.slow
 def test_tiny_run_measures_the_certify_command(tmp_path):
     from cli.main import certify_command
 
