@@ -220,14 +220,16 @@ def _cli_rows(stem):
     return rows, [passes[r["idx"]] for r in rows]
 
 
-def test_tiny_run_measures_the_certify_command(tmp_path):
+@pytest.mark.parametrize("dtype", ["bf16", pytest.param("fp32", marks=pytest.mark.slow)])
+def test_tiny_run_measures_the_certify_command(tmp_path, dtype):
     from cli.main import certify_command
 
     peak = 0.5
     data = main(["--tiny", "--out", str(tmp_path / "bench"), "--peak-tflops", str(peak),
-                 "--stages", "throughput,certify"])
+                 "--stages", "throughput,certify", "--dtype", dtype])
     stages = data["stages"]
     assert stages["throughput"]["status"] == stages["certify"]["status"] == "done"
+    assert stages["throughput"]["micro_batches"]  # measured, not skipped
     measured = stages["certify"]["measured"]
     assert len(measured["full_n"]) == TINY.full_images
     assert len(measured["sequential"]) == TINY.sequential_images
@@ -237,7 +239,7 @@ def test_tiny_run_measures_the_certify_command(tmp_path):
     common = ["--model", "bench-tiny-clip", "--dataset", "bench-random", "--denoiser", "if2",
               "--denoiser-checkpoint", str(files["if2"]), "--sigma", "0.5",
               "--n0", str(TINY.n0), "--n", str(TINY.n), "--batch", str(TINY.batch),
-              "--seed", "0", "--dtype", "fp32", "--device", "cpu", "--quiet"]
+              "--seed", "0", "--dtype", dtype, "--device", "cpu", "--quiet"]
     runs = {"full_n": [], "sequential": ["--sequential", "--radii", GRID]}
     with registered_tiny_models(files):
         for kind, extra in runs.items():
