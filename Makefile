@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_RUNS := runs/demo/digits_sigma0.25.tsv runs/demo/digits_sigma0.50.tsv
 DEMO_LABELS := "sigma=0.25,sigma=0.50"
 
-.PHONY: demo demo-imagenet attack-digits test test-slow bench bench-purifiers lint clean
+.PHONY: demo demo-imagenet attack-digits test test-slow bench bench-purifiers gpu-wheels lint clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -97,6 +97,23 @@ bench-purifiers: $(STAMP)
 	$(BIN)/python -m bench.purifier_clipure
 	$(BIN)/python -m bench.purifier_cmap
 	$(BIN)/python -m bench.purifier_lgap
+
+# Wheels the lent GPU machine lacks, for `python -m bench.gpu_throughput` there
+# (docs/benchmarks.md): at the versions of constraints.txt, for its CPython 3.12 on
+# x86-64. It has no registry access; the run tool carries .whl/ (ignored by .gitignore).
+GPU_WHEELS := diffusers open_clip_torch ftfy wcwidth
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+
+gpu-wheels:
+	for name in $(GPU_WHEELS); do \
+		grep -qi "^$$name==" constraints.txt || { echo "$$name: not in constraints.txt"; exit 1; }; \
+	done
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps \
+		--only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl \
+		$$(for name in $(GPU_WHEELS); do grep -i "^$$name==" constraints.txt; done)
+	du -sh .whl
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from classifiers.clip import CLIPZeroShotClassifier
 from denoisers.if2 import IF2Denoiser
 from denoisers.pipeline import DenoiseAndClassify
-from tests.tensor_memory import PeakTensorMemory
 
 IF2_L_UNET_CONFIG = dict(
     sample_size=256, in_channels=6, out_channels=6,
@@ -96,6 +95,10 @@ def if2_l_clip_b32(dtype: torch.dtype, device: str = "meta") -> tuple[DenoiseAnd
 
 
 def traced_peak(model: torch.nn.Module, batch: int, size: int, device: str) -> int:
+    # imported here: `bench.gpu_throughput` uses this module where `tests` may not be ours
+    # (a top-level `tests` package of some installed distribution would shadow it)
+    from tests.tensor_memory import PeakTensorMemory
+
     noisy = torch.zeros((batch, 3, size, size), device=device)
     with torch.inference_mode(), PeakTensorMemory() as memory:
         model(noisy)

@@ -35,42 +35,46 @@ def cohen_style_predict(model: torch.nn.Module, x: torch.Tensor, classes: int,
     while remaining > 0:
         size = min(BATCH, remaining)
         batch = x.repeat((size, 1, 1, 1))
-        noise = torch.randn(batch.shape, generator=generator) * SIGMA
-        votes = model(batch + noise).argmax(1).numpy()
+        noise = torch.randn(batch.shape, generator=generator, device=x.device) * SIGMA
+        votes = model(batch + noise).argmax(1).cpu().numpy()
         counts += np.bincount(votes, minlength=classes)
         remaining -= size
     return stats.predict_from_counts(counts, ALPHA)
 
 
 def compare(name: str, model: torch.nn.Module, images: list[torch.Tensor], classes: int,
-            repeats: int = 3) -> dict:
+            repeats: int = 3, device: str = "cpu") -> dict:
     """Seconds for PREDICT over `images`: Cohen's loop, our runner unpacked and packed, and
     the model's passes alone on the same noisy inputs at batch N and at BATCH (the floor
     under any engine: nothing that feeds this model can be faster than its passes)."""
     from bench.run import interleaved_medians
 
-    model.eval()
+    model.to(device).eval()
+    images = [x.to(device) for x in images]
     dataset = [(x, 0) for x in images]
     smooth = Smooth(model, classes, SIGMA)
 
     def runner(pack: bool) -> Callable[[], None]:
-        values = {"mode": "predict", "n": N, "alpha": ALPHA, "batch_size": BATCH, "pack": pack}
-        # a bench of packing that does not pack would measure nothing (it once did)
-        assert RunSettings(**values).examples_per_pass() == (BATCH // N if pack else 1)
+        values = {"mode": "predict", "n": N, "alpha": ALPHA, "batch_size": BATCH}
+        # RunSettings packs only when asked (the CLI asks on CUDA); a bench of packing that
+        # does not pack would measure nothing (it once did)
+        settings = RunSettings(**values, device=device, pack=pack)
+        assert settings.examples_per_pass() == (BATCH // N if pack else 1)
 
         def work() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 results = ResultFile(Path(folder) / "bench", "predict", values)
-                run(smooth, dataset, range(len(dataset)), results, RunSettings(**values),
-                    progress=False)
+                run(smooth, dataset, range(len(dataset)), results, settings, progress=False)
         return work
 
     def reference() -> None:
         for i, x in enumerate(images):
-            cohen_style_predict(model, x, classes, torch.Generator().manual_seed(i))
+            generator = torch.Generator(device=device).manual_seed(i)
+            cohen_style_predict(model, x, classes, generator)
 
     noisy = torch.cat([x.repeat((N, 1, 1, 1)) for x in images])
-    noisy += torch.randn(noisy.shape, generator=torch.Generator().manual_seed(0)) * SIGMA
+    noise = torch.randn(noisy.shape, generator=torch.Generator().manual_seed(0)) * SIGMA
+    noisy += noise.to(device)
 
     def passes(batch: int) -> Callable[[], None]:
         @torch.inference_mode()
@@ -93,16 +97,17 @@ def compare(name: str, model: torch.nn.Module, images: list[torch.Tensor], class
     }
 
 
-def packing_speedups() -> list[dict]:
+def packing_speedups(device: str = "cpu") -> list[dict]:
     from classifiers import build_classifier, build_dataset
 
     digits = build_dataset("digits", split="test")
     cnn = build_classifier("digits-sigma0.25", class_names=digits.classes, sigma=SIGMA)
-    rows = [compare("digits CNN", cnn, [digits[i][0] for i in range(len(digits))], 10)]
+    images = [digits[i][0] for i in range(len(digits))]
+    rows = [compare("digits CNN", cnn, images, 10, device=device)]
     resnet = torchvision.models.resnet18(num_classes=10)
     images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i))
               for i in range(40)]
-    rows.append(compare("ResNet-18 3x32x32", resnet, images, 10))
+    rows.append(compare("ResNet-18 3x32x32", resnet, images, 10, device=device))
     return rows
 
 
