@@ -21,7 +21,8 @@ def invoke(command: click.Command, *args: object, catch_exceptions: bool = False
 
 
 def rows(stem: Path, *, without_time: bool = False) -> list[dict[str, str]]:
-    """The rows of the result file `STEM.tsv`, each a dict from column name to its text.
+    """The rows of the file `STEM.tsv` (a result file, a loss log), each a dict from column
+    name to its text.
 
     `without_time` leaves out the wall-clock `time` column, the one column two runs of the same
     command do not share.
