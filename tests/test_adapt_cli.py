@@ -16,11 +16,11 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from adapt.references import check_template, dataset_labels, read_labels
 from cli.adapt import adapt_group
+from tests.cli_helpers import invoke, rows, sidecar
 from tests.tiny_models import go_offline, one_thread, save_tiny_if1, save_tiny_if2
 
 CLIP_ARCH = "robustify-test-adapt-clip"
@@ -34,8 +34,8 @@ CLIP_CONFIG = {
 single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(adapt_group, [str(a) for a in args])
+# click's runner catches what the command raises (exit code 1), as it does by default
+run_adapt = partial(invoke, adapt_group, catch_exceptions=True)
 
 
 def assert_refused(result, *words: str) -> None:
@@ -102,29 +102,29 @@ def test_check_template():
 )
 def test_bad_labels_file(labels, tmp_path, text, words):
     out = tmp_path / "refs"
-    result = invoke("synthesize", "--labels", labels(text), "--out", out, "--device", "cpu")
+    result = run_adapt("synthesize", "--labels", labels(text), "--out", out, "--device", "cpu")
     assert_refused(result, *words)
     assert not out.exists()
 
 
 def test_missing_labels_file(tmp_path):
-    result = invoke("synthesize", "--labels", tmp_path / "nope.txt", "--out", tmp_path / "o")
+    result = run_adapt("synthesize", "--labels", tmp_path / "nope.txt", "--out", tmp_path / "o")
     assert_refused(result, "labels file not found", "nope.txt")
 
 
 @pytest.mark.parametrize("template", ["a photo of a dog.", "{} next to {}"])
 def test_template_needs_exactly_one_placeholder(labels, tmp_path, template):
     out = tmp_path / "refs"
-    result = invoke("synthesize", "--labels", labels("dog\ncat\n"), "--template", template,
-                    "--out", out, "--device", "cpu")
+    result = run_adapt("synthesize", "--labels", labels("dog\ncat\n"), "--template", template,
+                       "--out", out, "--device", "cpu")
     assert_refused(result, "placeholder", template)
     assert not out.exists()
 
 
 def test_labels_or_dataset_exactly_one(labels, tmp_path):
-    both = invoke("synthesize", "--labels", labels("dog\n"), "--dataset", "cifar10",
-                  "--out", tmp_path / "o")
-    neither = invoke("synthesize", "--out", tmp_path / "o")
+    both = run_adapt("synthesize", "--labels", labels("dog\n"), "--dataset", "cifar10",
+                     "--out", tmp_path / "o")
+    neither = run_adapt("synthesize", "--out", tmp_path / "o")
     for result in (both, neither):
         assert result.exit_code == 2 and "exactly one of --labels FILE or --dataset NAME" in \
             result.output
@@ -138,7 +138,7 @@ def test_synthesize_refuses_a_folder_with_another_reference_set(labels, tmp_path
                 "settings": {"template": "art of a {}.", "seed": 0}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     before = snapshot(out)
-    result = invoke("synthesize", "--labels", labels("dog\n"), "--out", out, "--device", "cpu")
+    result = run_adapt("synthesize", "--labels", labels("dog\n"), "--out", out, "--device", "cpu")
     assert_refused(result, "other settings", "'art of a {}.'", "--overwrite")
     assert snapshot(out) == before
 
@@ -156,7 +156,7 @@ def test_reference_folder_without_images(tmp_path, command, layout):
         (references / "dog").mkdir()
         (references / "dog" / "readme.txt").write_text("no image here")
     out = tmp_path / "out"
-    result = invoke(command, "--references", references, "--out", out, "--device", "cpu")
+    result = run_adapt(command, "--references", references, "--out", out, "--device", "cpu")
     assert_refused(result, "not found" if layout == "missing" else "holds no images")
     assert not out.exists()
 
@@ -224,11 +224,11 @@ def test_synthesize_command_on_tiny_models(labels, tmp_path, offline):
     args = ["synthesize", "--labels", labels("dog\ncat\n"), "--out", out,
             "--stage1", offline["stage1"], "--stage2", offline["stage2"], "--resolution", "32",
             "--stage1-steps", "2", "--stage2-steps", "2", "--device", "cpu", "--quiet"]
-    result = invoke(*args)
+    result = run_adapt(*args)
     assert result.exit_code == 0, result.output
     assert "2 images generated, 0 kept" in result.output
     assert json.loads((out / "manifest.json").read_text())["classes"] == ["dog", "cat"]
-    again = invoke(*args)
+    again = run_adapt(*args)
     assert again.exit_code == 0 and "0 images generated, 2 kept" in again.output
 
 
@@ -266,7 +266,7 @@ def test_an_output_folder_holding_another_runs_weights_is_refused(
         args = ["--checkpoint", offline["stage2"], *PERSONALIZE_FAST]
     else:
         args = ["--denoiser-checkpoint", offline["stage2"], *FINETUNE_FAST]
-    result = invoke(command, "--references", references, "--out", out, *model, *args)
+    result = run_adapt(command, "--references", references, "--out", out, *model, *args)
     assert_refused(result, str(out), "--overwrite")
     assert snapshot(out) == before
 
@@ -278,7 +278,7 @@ def test_adapt_run_ends_with_a_certify_command_that_runs(labels, tmp_path, offli
     from cli.main import certify_command
 
     out = tmp_path / "run"
-    result = invoke(
+    result = run_adapt(
         "run", "--labels", labels("cat\ndog\n"), "--out", out,
         "--classifier", "tiny-clip", "--classifier-checkpoint", offline["clip"],
         "--stage1", offline["stage1"], "--stage2", offline["stage2"],
@@ -314,15 +314,14 @@ def test_adapt_run_ends_with_a_certify_command_that_runs(labels, tmp_path, offli
     args[args.index("--dataset") + 1] = f"folder:{test_images}"
     # The folder dataset crops to 224 x 224, where even the tiny IF-II takes seconds per
     # image on a CPU: a handful of noise samples shows the command runs end to end.
-    certified = CliRunner().invoke(
-        certify_command, [*args, "--n0", "1", "--n", "1", "--max", "2", "--quiet"]
-    )
+    certified = invoke(certify_command, *args, "--n0", "1", "--n", "1", "--max", "2", "--quiet",
+                       catch_exceptions=True)
     assert certified.exit_code == 0, certified.output
-    stem = args[args.index("--out") + 1]
-    rows = open(f"{stem}.tsv").read().splitlines()
-    assert rows[0].split("\t")[:6] == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert [row.split("\t")[1] for row in rows[1:]] == ["0", "1"]
-    settings = json.loads(open(f"{stem}.json").read())["settings"]
+    stem = Path(args[args.index("--out") + 1])
+    table = rows(stem)
+    assert list(table[0])[:6] == ["idx", "label", "predict", "radius", "correct", "time"]
+    assert [row["label"] for row in table] == ["0", "1"]
+    settings = sidecar(stem)["settings"]
     assert settings["denoiser"]["lora"] == str((out / "lora").resolve())
     assert settings["denoiser"]["prompt"] == "a photo of a sks."
 
@@ -347,8 +346,8 @@ def test_an_input_that_is_the_output_folder_is_refused_even_with_overwrite(
     references = ["--references", shared] if flag == "--references" else [
         "--references", image_folder(tmp_path / "refs", ["cat", "dog"])]
     extra = [] if flag == "--references" else [flag, shared]
-    result = invoke(command, *references, "--out", shared, *extra, "--overwrite",
-                    "--device", "cpu")
+    result = run_adapt(command, *references, "--out", shared, *extra, "--overwrite",
+                       "--device", "cpu")
     assert_refused(result, flag, "output folder", "--out")
     assert snapshot(shared) == before
 
@@ -384,17 +383,17 @@ def test_personalize_and_finetune_pass_variant_batches_checkpoints_and_resolutio
 ):
     seen = _spy_training(monkeypatch, tmp_path)
     references = image_folder(tmp_path / "refs", ["cat", "dog"])
-    result = invoke("personalize", "--references", references, "--out", tmp_path / "lora",
-                    "--variant", "fp16", "--batch-size", "6", "--grad-accum", "4",
-                    "--keep-checkpoints", "3", "--device", "cpu", "--quiet")
+    result = run_adapt("personalize", "--references", references, "--out", tmp_path / "lora",
+                       "--variant", "fp16", "--batch-size", "6", "--grad-accum", "4",
+                       "--keep-checkpoints", "3", "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     config = seen["personalize"]
     assert (config.variant, config.batch_size, config.grad_accum) == ("fp16", 6, 4)
     assert config.keep_checkpoints == 3 and config.resolution == 224  # the evaluation size
-    result = invoke("finetune", "--references", references, "--out", tmp_path / "clf",
-                    "--lora", tmp_path / "lora", "--variant", "fp16", "--grad-accum", "2",
-                    "--resolution", "96", "--text-batch-size", "64", "--device", "cpu",
-                    "--quiet")
+    result = run_adapt("finetune", "--references", references, "--out", tmp_path / "clf",
+                       "--lora", tmp_path / "lora", "--variant", "fp16", "--grad-accum", "2",
+                       "--resolution", "96", "--text-batch-size", "64", "--device", "cpu",
+                       "--quiet")
     assert result.exit_code == 0, result.output
     config = seen["finetune"]
     assert (config.variant, config.grad_accum, config.resolution) == ("fp16", 2, 96)
@@ -413,9 +412,9 @@ def test_adapt_run_threads_variant_and_trains_at_the_evaluation_resolution(
 ):
     seen = _spy_training(monkeypatch, tmp_path)
     args = [str(labels("cat\ndog\n")) if a == "LABELS" else a for a in args]
-    result = invoke("run", *args, "--out", tmp_path / "run", "--variant", "fp16",
-                    "--synthesis-batch", "4", "--grad-accum", "4", "--batch-size", "6",
-                    "--finetune-grad-accum", "2", "--device", "cpu", "--quiet")
+    result = run_adapt("run", *args, "--out", tmp_path / "run", "--variant", "fp16",
+                       "--synthesis-batch", "4", "--grad-accum", "4", "--batch-size", "6",
+                       "--finetune-grad-accum", "2", "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     synthesis = seen["synthesize"]
     assert synthesis["variant"] == "fp16" and synthesis["batch_size"] == 4
@@ -428,8 +427,8 @@ def test_adapt_run_threads_variant_and_trains_at_the_evaluation_resolution(
 
 def test_adapt_run_under_the_protocol_trains_as_the_papers_code(tmp_path, monkeypatch):
     seen = _spy_training(monkeypatch, tmp_path)
-    result = invoke("run", "--dataset", "stl10", "--protocol", "choi2024", "--out",
-                    tmp_path / "run", "--k", "0", "--device", "cpu", "--quiet")
+    result = run_adapt("run", "--dataset", "stl10", "--protocol", "choi2024", "--out",
+                       tmp_path / "run", "--k", "0", "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     # the paper's one CLIP template for STL-10, and the IF-II prompt of its evaluation
     assert seen["finetune"].templates == ["This is a photo of a {}"]
@@ -440,14 +439,14 @@ def test_adapt_run_under_the_protocol_trains_as_the_papers_code(tmp_path, monkey
 
 
 def test_adapt_run_protocol_refusals(tmp_path, labels):
-    no_dataset = invoke("run", "--labels", labels("cat\ndog\n"), "--protocol", "choi2024",
-                        "--out", tmp_path / "a")
+    no_dataset = run_adapt("run", "--labels", labels("cat\ndog\n"), "--protocol", "choi2024",
+                           "--out", tmp_path / "a")
     assert no_dataset.exit_code == 2 and "needs --dataset" in no_dataset.output
-    other_prompt = invoke("run", "--dataset", "stl10", "--protocol", "choi2024",
-                          "--prompt", "art of {}", "--out", tmp_path / "b")
+    other_prompt = run_adapt("run", "--dataset", "stl10", "--protocol", "choi2024",
+                             "--prompt", "art of {}", "--out", tmp_path / "b")
     assert other_prompt.exit_code == 2 and "differs from --protocol" in other_prompt.output
-    uncovered = invoke("run", "--dataset", "cifar10", "--protocol", "choi2024",
-                       "--out", tmp_path / "c")
+    uncovered = run_adapt("run", "--dataset", "cifar10", "--protocol", "choi2024",
+                          "--out", tmp_path / "c")
     assert uncovered.exit_code == 2 and "does not cover" in uncovered.output
     assert not any((tmp_path / name).exists() for name in "abc")
 
@@ -461,7 +460,7 @@ def test_synthesize_and_run_are_refused_under_a_launcher(labels, tmp_path, monke
     kept = []  # in a launcher's process: exit status 2 whatever comes (not in pytest's)
     monkeypatch.setattr(cli.adapt, "_keep_refusal_status", lambda: kept.append(True))
     out = tmp_path / "out"
-    result = invoke(command, "--labels", labels("dog\ncat\n"), "--out", out, "--device", "cpu")
+    result = run_adapt(command, "--labels", labels("dog\ncat\n"), "--out", out, "--device", "cpu")
     assert_refused(result, f"adapt {command} runs in one process", "2 processes",
                    "adapt personalize")
     assert kept and not out.exists()

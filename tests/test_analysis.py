@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from cli.analyze import analyze_command
 from smoothing import analysis
+from tests.cli_helpers import invoke
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CHOI = SHARED / "reference" / "choi2024"
@@ -75,8 +76,8 @@ def other_file(tmp_path: Path) -> Path:
     return write_tsv(tmp_path / "other_run.tsv", HEADER, OTHER_ROWS)
 
 
-def run(*args: str):
-    return CliRunner().invoke(analyze_command, list(args))
+# click's runner catches what the command raises (exit code 1), as it does by default
+run = partial(invoke, analyze_command, catch_exceptions=True)
 
 
 def reference(path: Path) -> Path:
@@ -463,5 +464,5 @@ def test_a_repeated_idx_is_refused_not_counted_twice(tmp_path):
     )
     with pytest.raises(ValueError, match=r"line 4: idx 0 already appears on line 2"):
         analysis.load_results(path)
-    refused = CliRunner().invoke(analyze_command, [str(path)])
+    refused = run(str(path))
     assert refused.exit_code == 2 and "idx 0" in refused.output

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from scipy.stats import beta
 
 from cli.analyze import analyze_command
 from smoothing import analysis
 from smoothing.runner import COLUMNS, ResultFile
+from tests.cli_helpers import invoke
 from tests.test_analysis import CHOI, assert_one_error, reference
 
 ATTACK_HEADER = ("idx", "label", "predict", "correct", "time", "clean_predict",
@@ -69,8 +70,8 @@ def write_certify(stem: Path, rows, settings: dict | None = None) -> Path:
     return tsv
 
 
-def run(*args: str):
-    return CliRunner().invoke(analyze_command, list(args))
+# click's runner catches what the command raises (exit code 1), as it does by default
+run = partial(invoke, analyze_command, catch_exceptions=True)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ consistency of its empirical numbers with certify's certificates on the digits."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from scipy.stats import binom
 
 from cli.attack import attack_command, parse_eps
 from cli.main import certify_command, predict_command
+from tests.cli_helpers import invoke, rows, sidecar
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = ["--model", "digits-sigma0.25", "--quiet", "--threads", "1"]
@@ -33,25 +32,8 @@ def _single_thread():
     torch.set_num_threads(threads)  # --threads 1 sets it for the process
 
 
-def invoke(command, *args: str):
-    return CliRunner().invoke(command, list(args), catch_exceptions=False)
-
-
 def attack(*args: str):
     return invoke(attack_command, *args)
-
-
-def rows(stem: Path) -> list[dict[str, str]]:
-    header, *lines = stem.with_name(stem.name + ".tsv").read_text().splitlines()
-    return [dict(zip(header.split("\t"), line.split("\t"), strict=True)) for line in lines]
-
-
-def without_time(table: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{k: v for k, v in row.items() if k != "time"} for row in table]
-
-
-def sidecar(stem: Path) -> dict:
-    return json.loads(stem.with_name(stem.name + ".json").read_text())
 
 
 # ------------------------------------------------------------------------- the contract
@@ -139,7 +121,7 @@ def test_a_resumed_run_gives_the_rows_of_an_uninterrupted_one(tmp_path):
     assert attack(*args, "--max", "2", "--out", str(part)).exit_code == 0
     result = attack(*args, "--max", "4", "--out", str(part))
     assert result.exit_code == 0, result.output
-    assert without_time(rows(part)) == without_time(rows(whole))
+    assert rows(part, without_time=True) == rows(whole, without_time=True)
     assert len(sidecar(part)["resumed"]) == 1
 
 
@@ -174,7 +156,7 @@ def test_a_sigkilled_run_rerun_gives_identical_rows(tmp_path):
     assert result.exit_code == 0, result.output
     whole = tmp_path / "whole"
     assert attack(*args, "--out", str(whole)).exit_code == 0
-    assert without_time(rows(stem)) == without_time(rows(whole))
+    assert rows(stem, without_time=True) == rows(whole, without_time=True)
 
 
 def test_other_settings_are_refused_without_overwrite(tmp_path):
@@ -325,7 +307,7 @@ def test_autoattack_through_the_command_is_recorded_and_reproducible(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     assert attack(*args, "--out", str(first)).exit_code == 0
     assert attack(*args, "--out", str(second)).exit_code == 0
-    assert without_time(rows(first)) == without_time(rows(second))
+    assert rows(first, without_time=True) == rows(second, without_time=True)
     recorded = sidecar(first)["settings"]
     assert recorded["attack"] == "apgd-ce"
     assert recorded["autoattack"]["attacks_to_run"] == ["apgd-ce"]

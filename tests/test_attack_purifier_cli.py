@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from click.testing import CliRunner
 
 from cli.attack import attack_command
+from tests.cli_helpers import invoke, rows, sidecar
 
 BASE = ["--model", "digits-clean", "--quiet", "--threads", "1", "--max", "3", "--eps", "0.5",
         "--steps", "5"]
@@ -23,16 +20,7 @@ def _single_thread():
 
 
 def attack(*args: str):
-    return CliRunner().invoke(attack_command, list(args), catch_exceptions=False)
-
-
-def rows(stem: Path) -> list[dict[str, str]]:
-    header, *lines = stem.with_name(stem.name + ".tsv").read_text().splitlines()
-    return [dict(zip(header.split("\t"), line.split("\t"), strict=True)) for line in lines]
-
-
-def sidecar(stem: Path) -> dict:
-    return json.loads(stem.with_name(stem.name + ".json").read_text())
+    return invoke(attack_command, *args)
 
 
 def test_blind_attacks_the_classifier_alone_and_evaluates_it_purified(tmp_path):
@@ -79,8 +67,7 @@ def test_a_random_purifier_gives_the_same_rows_twice(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     assert attack(*args, "--out", str(first)).exit_code == 0
     assert attack(*args, "--out", str(second)).exit_code == 0
-    strip = [{k: v for k, v in r.items() if k != "time"} for r in rows(first)]
-    assert strip == [{k: v for k, v in r.items() if k != "time"} for r in rows(second)]
+    assert rows(first, without_time=True) == rows(second, without_time=True)
     assert sidecar(first)["settings"]["purifier"]["random"] is True
 
 

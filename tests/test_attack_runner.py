@@ -50,11 +50,6 @@ def images(count: int, seed: int = 0) -> list[tuple[torch.Tensor, int]]:
     return [(torch.rand(3, 2, 2, generator=generator) * 0.8 + 0.1, i % 4) for i in range(count)]
 
 
-def rows_of(path) -> list[list[str]]:
-    header, *rows = path.read_text().splitlines()
-    return [row.split("\t") for row in rows]
-
-
 # ------------------------------------------------------------------------- the streams
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import classifiers
 from classifiers.datasets import UnreadableImageError
 from cli.main import certify_command
+from tests.cli_helpers import invoke, rows, sidecar
 
 
 def _folder(tmp_path, files: dict[str, bytes | np.ndarray]):
@@ -70,10 +70,6 @@ def build(num_classes):
 FAST = ["--n0", "10", "--n", "20", "--batch", "20", "--quiet"]
 
 
-def _certify(*args: str):
-    return CliRunner().invoke(certify_command, list(args), catch_exceptions=False)
-
-
 @pytest.mark.parametrize("damage", ["truncated", "not an image"])
 def test_unreadable_image_names_the_file_and_keeps_earlier_rows(tmp_path, damage):
     good = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)
@@ -84,13 +80,12 @@ def test_unreadable_image_names_the_file_and_keeps_earlier_rows(tmp_path, damage
     model = tmp_path / "models.py"
     model.write_text(CONSTANT_MODEL)
     out = tmp_path / "run"
-    result = _certify(*FAST, "--model", f"{model}:build", "--dataset", f"folder:{root}",
-                      "--out", str(out))
+    result = invoke(certify_command, *FAST, "--model", f"{model}:build",
+                    "--dataset", f"folder:{root}", "--out", str(out))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert f"cannot read image {root / 'a' / '1.png'}" in result.output
-    rows = (tmp_path / "run.tsv").read_text().splitlines()[1:]
-    assert [row.split("\t")[0] for row in rows] == ["0"]  # the row before it is kept
+    assert [row["idx"] for row in rows(out)] == ["0"]  # the row before it is kept
     with pytest.raises(UnreadableImageError) as raised:
         classifiers.build_dataset(f"folder:{root}")[1]
     assert raised.value.path == str(root / "a" / "1.png")
@@ -98,7 +93,8 @@ def test_unreadable_image_names_the_file_and_keeps_earlier_rows(tmp_path, damage
 
 @pytest.mark.parametrize("device", ["mps", "xpu", "meta", "hpu"])
 def test_device_torch_lacks_is_one_message(tmp_path, device):
-    result = _certify(*FAST, "--max", "1", "--device", device, "--out", str(tmp_path / "r"))
+    result = invoke(certify_command, *FAST, "--max", "1", "--device", device,
+                    "--out", str(tmp_path / "r"))
     assert result.exit_code == 2, result.output
     assert f"--device {device}" in result.output
     assert "Traceback" not in result.output
@@ -126,8 +122,8 @@ def test_bad_classifier_weights_are_one_message_naming_the_file(tmp_path, make, 
     weights = tmp_path / "w.safetensors"
     make(weights)
     out = tmp_path / "out" / "r"
-    result = _certify(*FAST, "--max", "1", "--classifier-weights", str(weights),
-                      "--out", str(out))
+    result = invoke(certify_command, *FAST, "--max", "1", "--classifier-weights", str(weights),
+                    "--out", str(out))
     assert result.exit_code == 2, result.output
     assert f"{weights}" in result.output and problem in result.output
     assert "Traceback" not in result.output
@@ -150,7 +146,8 @@ def test_rgb_folder_for_a_greyscale_model_says_what_it_expects(tmp_path):
     rgb = np.random.default_rng(3).integers(0, 256, (30, 30, 3), dtype=np.uint8)
     root = _folder(tmp_path, {f"{digit}/x.png": rgb for digit in range(10)})
     out = tmp_path / "out" / "r"
-    result = _certify(*FAST, "--max", "1", "--dataset", f"folder:{root}", "--out", str(out))
+    result = invoke(certify_command, *FAST, "--max", "1", "--dataset", f"folder:{root}",
+                    "--out", str(out))
     assert result.exit_code == 2, result.output
     assert "expects greyscale (1-channel) images" in result.output
     assert "RGB (3-channel)" in result.output and "Traceback" not in result.output
@@ -161,7 +158,8 @@ def test_greyscale_dataset_for_an_rgb_model_says_what_it_expects(tmp_path):
     model = tmp_path / "rgb_models.py"
     model.write_text(RGB_ONLY_MODEL)
     out = tmp_path / "out" / "r"
-    result = _certify(*FAST, "--max", "1", "--model", f"{model}:build", "--out", str(out))
+    result = invoke(certify_command, *FAST, "--max", "1", "--model", f"{model}:build",
+                    "--out", str(out))
     assert result.exit_code == 2, result.output
     assert "expects RGB (3-channel) images" in result.output
     assert "greyscale (1-channel) ones" in result.output and "Traceback" not in result.output
@@ -187,7 +185,7 @@ def test_analyze_unreadable_file_names_it_in_one_short_message(tmp_path, content
 
     path = tmp_path / "results.tsv"
     path.write_bytes(content)
-    result = CliRunner().invoke(analyze_command, [str(path)], catch_exceptions=False)
+    result = invoke(analyze_command, str(path))
     assert result.exit_code == 2, result.output
     assert str(path) in result.output and problem in result.output
     assert "Traceback" not in result.output
@@ -207,8 +205,7 @@ def test_denoise_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch
     # root ignores permissions: a path under a regular file is unwritable for everyone
     out = tmp_path / ("file/sub/grid.png" if where == "under-a-file" else "folder.png")
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = CliRunner().invoke(cli.denoise.denoise_command, ["--out", str(out), "--overwrite"],
-                                catch_exceptions=False)
+    result = invoke(cli.denoise.denoise_command, "--out", str(out), "--overwrite")
     assert result.exit_code == 2, result.output
     assert str(out) in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -222,8 +219,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli.main, "_build_model", interrupted)
-    result = CliRunner().invoke(certify_command, [*FAST, "--out", str(tmp_path / "out" / "r")],
-                                catch_exceptions=False)
+    result = invoke(certify_command, *FAST, "--out", str(tmp_path / "out" / "r"))
     assert result.exit_code == 130, result.output
     assert "interrupted during start-up: nothing was written" in result.output
     assert "Traceback" not in result.output and "Aborted" not in result.output
@@ -231,7 +227,6 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, monkeypatch):
 
 
 def test_skip_unreadable_records_the_file_and_a_rerun_skips_it_again(tmp_path):
-    import json
 
     good = np.random.default_rng(4).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     # the unreadable file is the first one: the start-up checks must take the next image
@@ -242,24 +237,24 @@ def test_skip_unreadable_records_the_file_and_a_rerun_skips_it_again(tmp_path):
     args = [*FAST, "--model", f"{model}:build", "--dataset", f"folder:{root}",
             "--out", str(out), "--skip-unreadable"]
 
-    def rows() -> list[str]:
-        return [r.split("\t")[0] for r in (tmp_path / "run.tsv").read_text().splitlines()[1:]]
+    def indices() -> list[str]:
+        return [row["idx"] for row in rows(out)]
 
     def skipped() -> dict:
-        return json.loads((tmp_path / "run.json").read_text()).get("skipped", {})
+        return sidecar(out).get("skipped", {})
 
     for _ in range(2):  # the rerun resumes: it skips the file again, the same way
-        result = _certify(*args)
+        result = invoke(certify_command, *args)
         assert result.exit_code == 0, result.output
-        assert rows() == ["1", "2"]
+        assert indices() == ["1", "2"]
         assert list(skipped()) == ["0"]
         assert skipped()["0"].startswith(f"cannot read image {root / 'a' / '0.png'}")
     assert "skipped 1 unreadable image" in result.output
 
     Image.fromarray(good).save(root / "a" / "0.png")  # repaired: its row comes, no longer skipped
-    result = _certify(*args)
+    result = invoke(certify_command, *args)
     assert result.exit_code == 0, result.output
-    assert sorted(rows()) == ["0", "1", "2"] and skipped() == {}
+    assert sorted(indices()) == ["0", "1", "2"] and skipped() == {}
 
 
 def test_class_folder_benchmarks_read_16bit_images_too(tmp_path):
@@ -310,7 +305,6 @@ def test_float_tiff_is_refused_not_clipped(tmp_path):
 
 
 def test_predict_skip_unreadable_records_the_file_and_goes_on(tmp_path):
-    import json
 
     from cli.main import predict_command
 
@@ -320,14 +314,12 @@ def test_predict_skip_unreadable_records_the_file_and_goes_on(tmp_path):
     model.write_text(CONSTANT_MODEL)
     args = ["--n", "20", "--batch", "20", "--quiet", "--model", f"{model}:build",
             "--dataset", f"folder:{root}", "--out", str(tmp_path / "run")]
-    refused = CliRunner().invoke(predict_command, args, catch_exceptions=False)
+    refused = invoke(predict_command, *args)
     assert refused.exit_code == 2 and str(root / "a" / "1.png") in refused.output
-    result = CliRunner().invoke(predict_command, [*args, "--skip-unreadable"],
-                                catch_exceptions=False)
+    result = invoke(predict_command, *args, "--skip-unreadable")
     assert result.exit_code == 0, result.output
-    rows = (tmp_path / "run.tsv").read_text().splitlines()[1:]
-    assert [r.split("\t")[0] for r in rows] == ["0", "2"]
-    skipped = json.loads((tmp_path / "run.json").read_text())["skipped"]
+    assert [r["idx"] for r in rows(tmp_path / "run")] == ["0", "2"]
+    skipped = sidecar(tmp_path / "run")["skipped"]
     assert list(skipped) == ["1"] and str(root / "a" / "1.png") in skipped["1"]
 
 
@@ -348,11 +340,10 @@ def test_denoise_skip_unreadable_draws_the_other_images(tmp_path, monkeypatch):
     root = _folder(tmp_path, {"a/0.png": b"junk", "a/1.png": good, "b/2.png": good})
     args = ["--dataset", f"folder:{root}", "--indices", "0,1,2", "--sigmas", "0.5",
             "--denoiser", "ffdnet", "--out", str(tmp_path / "grid.png")]
-    refused = CliRunner().invoke(cli.denoise.denoise_command, args, catch_exceptions=False)
+    refused = invoke(cli.denoise.denoise_command, *args)
     assert refused.exit_code == 2 and str(root / "a" / "0.png") in refused.output
     assert not drawn
-    result = CliRunner().invoke(cli.denoise.denoise_command, [*args, "--skip-unreadable"],
-                                catch_exceptions=False)
+    result = invoke(cli.denoise.denoise_command, *args, "--skip-unreadable")
     assert result.exit_code == 0, result.output
     assert f"skipped index 0: cannot read image {root / 'a' / '0.png'}" in result.output
     (columns,) = drawn
@@ -361,5 +352,5 @@ def test_denoise_skip_unreadable_draws_the_other_images(tmp_path, monkeypatch):
     assert clean.shape[0] == 2  # images 1 and 2
     assert torch.equal(clean[0], clean[1])  # both are `good`
     only_junk = [*args[:3], "0", *args[4:], "--skip-unreadable"]
-    none_left = CliRunner().invoke(cli.denoise.denoise_command, only_junk, catch_exceptions=False)
+    none_left = invoke(cli.denoise.denoise_command, *only_junk)
     assert none_left.exit_code == 2 and "could be read" in none_left.output

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from classifiers import DATASETS
 from classifiers.registry import Entry
 from cli.main import certify_command, predict_command
+from tests.cli_helpers import invoke, rows, sidecar
 
 FAST = ["--n0", "20", "--n", "200", "--batch", "100", "--max", "4", "--quiet"]
-
-
-def invoke(command, *args: str):
-    return CliRunner().invoke(command, list(args), catch_exceptions=False)
 
 
 @contextmanager
@@ -33,13 +28,14 @@ def test_certify_defaults_to_the_digits_demo(tmp_path):
     out = tmp_path / "demo"
     result = invoke(certify_command, *FAST, "--out", str(out))
     assert result.exit_code == 0, result.output
-    header, *rows = (tmp_path / "demo.tsv").read_text().splitlines()
+    header = (tmp_path / "demo.tsv").read_text().splitlines()[0]
     assert header == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
-    assert len(rows) == 4
-    settings = json.loads((tmp_path / "demo.json").read_text())["settings"]
+    table = rows(out)
+    assert len(table) == 4
+    settings = sidecar(out)["settings"]
     assert (settings["model"], settings["dataset"], settings["sigma"]) == ("digits", "digits", 0.25)
     # a well-trained model certifies most of these easy examples
-    assert sum(int(r.split("\t")[4]) for r in rows) >= 3
+    assert sum(int(r["correct"]) for r in table) >= 3
 
 
 def test_certify_rerun_resumes_and_extends(tmp_path):
@@ -70,18 +66,14 @@ def test_ctrl_c_keeps_the_finished_rows_and_the_same_command_resumes(tmp_path, m
 
     with monkeypatch.context() as patch:
         patch.setattr(Smooth, "certify", interrupted_on_the_third_example)
-        result = CliRunner().invoke(certify_command, [*FAST, "--out", out])
+        result = invoke(certify_command, *FAST, "--out", out, catch_exceptions=True)
     assert result.exit_code == 130
     assert "interrupted: 2 rows are kept" in result.output
     assert len((tmp_path / "run.tsv").read_text().splitlines()) == 3
 
     result = invoke(certify_command, *FAST, "--out", out)
     assert result.exit_code == 0, result.output
-
-    def values(path):
-        return [line.split("\t")[:5] for line in path.read_text().splitlines()]
-
-    assert values(tmp_path / "run.tsv") == values(tmp_path / "whole.tsv")
+    assert rows(tmp_path / "run", without_time=True) == rows(uninterrupted, without_time=True)
 
 
 def test_predict_reports_empirical_clean_accuracy(tmp_path):
@@ -114,7 +106,7 @@ def test_predict_reports_empirical_clean_accuracy(tmp_path):
 )
 def test_bad_input_gives_one_message_and_exit_2(tmp_path, args, message):
     out = tmp_path / "r"
-    result = CliRunner().invoke(certify_command, [*FAST, "--out", str(out), *args])
+    result = invoke(certify_command, *FAST, "--out", str(out), *args, catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
@@ -122,10 +114,8 @@ def test_bad_input_gives_one_message_and_exit_2(tmp_path, args, message):
 
 
 def test_missing_data_root_is_refused(tmp_path):
-    result = CliRunner().invoke(
-        certify_command,
-        [*FAST, "--dataset", f"folder:{tmp_path / 'missing'}", "--out", str(tmp_path / "r")],
-    )
+    result = invoke(certify_command, *FAST, "--dataset", f"folder:{tmp_path / 'missing'}",
+                    "--out", str(tmp_path / "r"), catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert "missing" in result.output
 
@@ -134,18 +124,19 @@ def test_results_of_other_settings_are_left_untouched(tmp_path):
     out = str(tmp_path / "run")
     invoke(certify_command, *FAST, "--out", out)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    result = CliRunner().invoke(certify_command, [*FAST, "--n", "300", "--out", out])
+    result = invoke(certify_command, *FAST, "--n", "300", "--out", out, catch_exceptions=True)
     assert result.exit_code == 2
     assert "other settings" in result.output and "--overwrite" in result.output
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     result = invoke(certify_command, *FAST, "--n", "300", "--out", out, "--overwrite")
     assert result.exit_code == 0
-    assert json.loads((tmp_path / "run.json").read_text())["settings"]["n"] == 300
+    assert sidecar(tmp_path / "run")["settings"]["n"] == 300
 
 
 def test_unwritable_output_folder(tmp_path):
     (tmp_path / "file").write_text("")
-    result = CliRunner().invoke(certify_command, [*FAST, "--out", str(tmp_path / "file" / "r")])
+    result = invoke(certify_command, *FAST, "--out", str(tmp_path / "file" / "r"),
+                    catch_exceptions=True)
     assert result.exit_code == 2
     assert "cannot create output folder" in result.output
 
@@ -165,9 +156,8 @@ class NanImages:
 
 def test_nan_in_the_input_fails_with_exit_2_and_keeps_rows(tmp_path):
     with registered_dataset("nan-images", lambda split, data_root: NanImages()):
-        result = CliRunner().invoke(
-            certify_command, [*FAST, "--dataset", "nan-images", "--out", str(tmp_path / "r")]
-        )
+        result = invoke(certify_command, *FAST, "--dataset", "nan-images",
+                        "--out", str(tmp_path / "r"), catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert "NaN" in result.output
     assert len((tmp_path / "r.tsv").read_text().splitlines()) == 1 + 2
@@ -184,7 +174,7 @@ def test_nan_from_the_classifier_fails_loudly(tmp_path, monkeypatch):
         return logits
 
     monkeypatch.setattr(digits.DigitsCNN, "forward", broken)
-    result = CliRunner().invoke(certify_command, [*FAST, "--out", str(tmp_path / "r")])
+    result = invoke(certify_command, *FAST, "--out", str(tmp_path / "r"), catch_exceptions=True)
     assert result.exit_code != 0
     assert "NaN or inf" in result.output and "nothing was written" in result.output
     # it failed before its first row: nothing is left to block the corrected rerun
@@ -198,6 +188,6 @@ def test_help_explains_the_certificate():
 
 @pytest.mark.parametrize("flag", [["--allow-untrained-sigma"], ["--micro-batch", "8"]])
 def test_denoiser_only_options_without_a_denoiser_are_refused(tmp_path, flag):
-    result = CliRunner().invoke(certify_command, [*flag, "--out", str(tmp_path / "run")])
+    result = invoke(certify_command, *flag, "--out", str(tmp_path / "run"), catch_exceptions=True)
     assert result.exit_code == 2 and "--denoiser" in result.output
     assert list(tmp_path.iterdir()) == []

@@ -8,18 +8,17 @@ normalization constants (typed here from their datasets.py) and check logits.
 
 from __future__ import annotations
 
-import json
 import math
 from statistics import NormalDist
 
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
 
 from classifiers import build_classifier
 from classifiers.cohen import CifarResNet
 from cli.main import certify_command
+from tests.cli_helpers import invoke, rows, sidecar
 from tests.test_cli import registered_dataset
 
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
@@ -146,14 +145,13 @@ def test_certify_with_a_cohen_checkpoint(tmp_path):
     constant_checkpoint(path, label=7)
     out = tmp_path / "run"
     with registered_dataset("tinycifar", lambda split, data_root: TinyCifar()):
-        result = CliRunner().invoke(certify_command, [*FAST, "--model", f"cohen:{path}",
-                                                      "--out", str(out)])
+        result = invoke(certify_command, *FAST, "--model", f"cohen:{path}", "--out", str(out),
+                        catch_exceptions=True)
     assert result.exit_code == 0, result.output
-    rows = [r.split("\t") for r in (tmp_path / "run.tsv").read_text().splitlines()[1:]]
     # every vote for class 7: radius sigma * Phi^-1(alpha^(1/n)), rounded down
     radius = math.floor(0.25 * NormalDist().inv_cdf(0.001 ** (1 / 100)) * 1e6) / 1e6
-    assert [(int(r[2]), float(r[3])) for r in rows] == [(7, radius)] * 4
-    settings = json.loads((tmp_path / "run.json").read_text())["settings"]
+    assert [(int(r["predict"]), float(r["radius"])) for r in rows(out)] == [(7, radius)] * 4
+    settings = sidecar(out)["settings"]
     assert settings["model_source"]["checkpoint"] == str(path)
     assert len(settings["model_source"]["checkpoint_sha256"]) == 64
 
@@ -200,8 +198,8 @@ def test_bad_checkpoints_are_one_clear_error_and_write_nothing(tmp_path, make, m
     path = make(tmp_path)
     out = tmp_path / "out" / "run"
     with registered_dataset("tinycifar", lambda split, data_root: TinyCifar()):
-        result = CliRunner().invoke(certify_command, [*FAST, "--model", f"cohen:{path}",
-                                                      "--out", str(out)])
+        result = invoke(certify_command, *FAST, "--model", f"cohen:{path}", "--out", str(out),
+                        catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "out").exists()

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from statistics import NormalDist
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from cli.main import certify_command
+from tests.cli_helpers import invoke, rows, sidecar
 
 FAST = ["--n0", "20", "--n", "200", "--batch", "100", "--max", "4", "--quiet"]
 SIGMA = 0.25
@@ -58,15 +57,6 @@ NOT_CALLABLE = 3
 '''
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(certify_command, list(args), catch_exceptions=False)
-
-
-def rows_of(stem) -> list[list[str]]:
-    tsv = stem.with_name(stem.name + ".tsv")
-    return [line.split("\t") for line in tsv.read_text().splitlines()[1:]]
-
-
 @pytest.fixture
 def model_file(tmp_path):
     path = tmp_path / "my_models.py"
@@ -76,13 +66,13 @@ def model_file(tmp_path):
 
 def test_file_factory_is_certified_and_recorded_with_its_hash(tmp_path, model_file):
     out = tmp_path / "run"
-    result = invoke(*FAST, "--model", f"{model_file}:build", "--out", str(out))
+    result = invoke(certify_command, *FAST, "--model", f"{model_file}:build", "--out", str(out))
     assert result.exit_code == 0, result.output
-    rows = rows_of(out)
-    assert [int(r[2]) for r in rows] == [3, 3, 3, 3]
-    assert [float(r[3]) for r in rows] == [ALL_VOTES_RADIUS] * 4
-    assert [int(r[4]) for r in rows] == [int(label == 3) for label in DIGITS_LABELS]
-    source = json.loads(out.with_suffix(".json").read_text())["settings"]["model_source"]
+    table = rows(out)
+    assert [int(r["predict"]) for r in table] == [3, 3, 3, 3]
+    assert [float(r["radius"]) for r in table] == [ALL_VOTES_RADIUS] * 4
+    assert [int(r["correct"]) for r in table] == [int(label == 3) for label in DIGITS_LABELS]
+    source = sidecar(out)["settings"]["model_source"]
     assert source["factory"] == f"{model_file}:build"
     assert source["file"] == str(model_file.resolve())
     assert source["file_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
@@ -90,8 +80,8 @@ def test_file_factory_is_certified_and_recorded_with_its_hash(tmp_path, model_fi
     # the same command resumes; changed code is other settings, refused, nothing changed
     before = out.with_suffix(".tsv").read_text()
     model_file.write_text(CONSTANT_MODEL.replace("(num_classes, 3)", "(num_classes, 4)"))
-    result = CliRunner().invoke(certify_command, [*FAST, "--model", f"{model_file}:build",
-                                                  "--out", str(out)])
+    result = invoke(certify_command, *FAST, "--model", f"{model_file}:build", "--out", str(out),
+                    catch_exceptions=True)
     assert result.exit_code == 2 and "file_sha256" in result.output
     assert out.with_suffix(".tsv").read_text() == before
 
@@ -103,11 +93,11 @@ def test_module_factory_and_default_output_name(tmp_path, monkeypatch):
     (package / "nets.py").write_text(CONSTANT_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    result = invoke(*FAST, "--model", "zoo_pkg.nets:build")
+    result = invoke(certify_command, *FAST, "--model", "zoo_pkg.nets:build")
     assert result.exit_code == 0, result.output
     stem = tmp_path / "runs" / "certify_zoo_pkg.nets_build_digits_test_sigma0.25"
-    assert [int(r[2]) for r in rows_of(stem)] == [3, 3, 3, 3]
-    record = json.loads(stem.with_name(stem.name + ".json").read_text())
+    assert [int(r["predict"]) for r in rows(stem)] == [3, 3, 3, 3]
+    record = sidecar(stem)
     source = record["settings"]["model_source"]
     assert source["file_sha256"] == hashlib.sha256((package / "nets.py").read_bytes()).hexdigest()
 
@@ -128,16 +118,17 @@ def test_bad_factories_are_one_clear_error_and_write_nothing(tmp_path, model_fil
                                                              message):
     out = tmp_path / "out" / "run"
     spec = factory.format(file=model_file)
-    result = CliRunner().invoke(certify_command, [*FAST, "--model", spec, "--out", str(out)])
+    result = invoke(certify_command, *FAST, "--model", spec, "--out", str(out),
+                    catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "out").exists()
 
 
 def test_checkpoint_option_does_not_apply_to_a_factory(tmp_path, model_file):
-    result = CliRunner().invoke(certify_command, [
-        *FAST, "--model", f"{model_file}:build", "--classifier-checkpoint", "x",
-        "--out", str(tmp_path / "run")])
+    result = invoke(certify_command, *FAST, "--model", f"{model_file}:build",
+                    "--classifier-checkpoint", "x", "--out", str(tmp_path / "run"),
+                    catch_exceptions=True)
     assert result.exit_code == 2 and "do not apply" in result.output
     assert not list(tmp_path.glob("run*"))
 
@@ -146,29 +137,31 @@ def test_threads_are_recorded_outside_the_settings_and_a_resume_may_change_them(
     out = tmp_path / "run"
     threads = torch.get_num_threads()
     try:
-        result = invoke(*FAST[:-3], "--max", "2", "--quiet", "--threads", "1", "--out", str(out))
+        result = invoke(certify_command, *FAST[:-3], "--max", "2", "--quiet", "--threads", "1",
+                        "--out", str(out))
         assert result.exit_code == 0, result.output
-        record = json.loads(out.with_suffix(".json").read_text())
+        record = sidecar(out)
         assert record["threads"] == 1 and torch.get_num_threads() == 1
         assert "threads" not in record["settings"]
         first = out.with_suffix(".tsv").read_text()
-        result = invoke(*FAST, "--threads", "2", "--out", str(out))
+        result = invoke(certify_command, *FAST, "--threads", "2", "--out", str(out))
         assert result.exit_code == 0, result.output
-        assert json.loads(out.with_suffix(".json").read_text())["threads"] == 2
+        assert sidecar(out)["threads"] == 2
         assert out.with_suffix(".tsv").read_text().startswith(first)
-        assert len(rows_of(out)) == 4
+        assert len(rows(out)) == 4
     finally:
         torch.set_num_threads(threads)
-    result = CliRunner().invoke(certify_command, [*FAST, "--threads", "0", "--out", str(out)])
+    result = invoke(certify_command, *FAST, "--threads", "0", "--out", str(out),
+                    catch_exceptions=True)
     assert result.exit_code == 2
 
 
 def test_cohen_spellings_of_n_and_n0_are_aliases(tmp_path):
     out = tmp_path / "run"
-    result = invoke("--N0", "20", "--N", "200", "--batch", "100", "--max", "2", "--quiet",
-                    "--out", str(out))
+    result = invoke(certify_command, "--N0", "20", "--N", "200", "--batch", "100", "--max", "2",
+                    "--quiet", "--out", str(out))
     assert result.exit_code == 0, result.output
-    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    settings = sidecar(out)["settings"]
     assert (settings["n"], settings["n0"]) == (200, 20)
 
 
@@ -205,7 +198,8 @@ def test_open_clip_by_architecture_with_a_local_checkpoint(tmp_path):
 ])
 def test_library_models_by_name_refuse_bad_names(tmp_path, model, message):
     out = tmp_path / "out" / "run"
-    result = CliRunner().invoke(certify_command, [*FAST, "--model", model, "--out", str(out)])
+    result = invoke(certify_command, *FAST, "--model", model, "--out", str(out),
+                    catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "out").exists()
@@ -231,7 +225,7 @@ def test_torchvision_model_by_name_with_a_local_weights_file(tmp_path):
 
 
 def test_list_models_shows_the_prefix_arguments():
-    result = invoke("--list-models")
+    result = invoke(certify_command, "--list-models")
     assert result.exit_code == 0
     for shown in ("cohen:PATH", "open_clip:ARCH/TAG", "torchvision:NAME[/WEIGHTS]", "folder:PATH"):
         assert shown in result.output

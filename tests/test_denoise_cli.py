@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import cli.denoise
 from cli.denoise import denoise_command
 from cli.options import build_denoiser
+from tests.cli_helpers import invoke
 from tests.tiny_models import save_tiny_if2, save_tiny_if2_lora
 
 
@@ -30,9 +30,8 @@ def captured(monkeypatch):
 
 def test_dds_grid_on_digits(tmp_path, captured):
     out = tmp_path / "grid.png"
-    result = CliRunner().invoke(
-        denoise_command, ["--indices", "0,5", "--sigmas", "0.25,0.5", "--out", str(out)]
-    )
+    result = invoke(denoise_command, "--indices", "0,5", "--sigmas", "0.25,0.5", "--out", str(out),
+                    catch_exceptions=True)
     assert result.exit_code == 0, result.output
     assert [title for title, _ in captured] == [
         "clean", "noisy σ=0.25", "dds σ=0.25", "noisy σ=0.5", "dds σ=0.5"
@@ -52,11 +51,10 @@ def test_if2_grid_has_one_column_per_k(tmp_path, captured):
     folder = tmp_path / "images" / "cat"
     folder.mkdir(parents=True)
     Image.new("RGB", (40, 40), (200, 30, 30)).save(folder / "a.png")
-    result = CliRunner().invoke(denoise_command, [
-        "--dataset", f"folder:{tmp_path / 'images'}", "--indices", "0", "--sigmas", "0.5",
-        "--denoiser", "if2", "--denoiser-checkpoint", str(checkpoint), "--k", "1,2",
-        "--out", str(tmp_path / "grid.png"),
-    ])
+    result = invoke(denoise_command, "--dataset", f"folder:{tmp_path / 'images'}", "--indices", "0",
+                    "--sigmas", "0.5", "--denoiser", "if2",
+                    "--denoiser-checkpoint", str(checkpoint), "--k", "1,2",
+                    "--out", str(tmp_path / "grid.png"), catch_exceptions=True)
     assert result.exit_code == 0, result.output
     titles = [title for title, _ in captured]
     assert titles == ["clean", "noisy σ=0.5", "if2 σ=0.5 k=1", "if2 σ=0.5 k=2"]
@@ -67,7 +65,7 @@ def test_if2_grid_has_one_column_per_k(tmp_path, captured):
 def test_existing_picture_is_kept_without_overwrite(tmp_path):
     out = tmp_path / "grid.png"
     out.write_bytes(b"mine")
-    result = CliRunner().invoke(denoise_command, ["--out", str(out)])
+    result = invoke(denoise_command, "--out", str(out), catch_exceptions=True)
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert out.read_bytes() == b"mine"
 
@@ -82,7 +80,7 @@ def test_existing_picture_is_kept_without_overwrite(tmp_path):
     ],
 )
 def test_bad_input(tmp_path, args, message):
-    result = CliRunner().invoke(denoise_command, [*args, "--out", str(tmp_path / "g.png")])
+    result = invoke(denoise_command, *args, "--out", str(tmp_path / "g.png"), catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "g.png").exists()

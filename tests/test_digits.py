@@ -12,7 +12,6 @@ from collections import Counter
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from classifiers.digits import (
     CLASS_NAMES,
@@ -26,6 +25,7 @@ from classifiers.registry import CLASSIFIERS
 from classifiers.train_digits import train
 from cli.main import certify_command
 from smoothing.analysis import certified_accuracy, load_results
+from tests.cli_helpers import invoke
 
 
 def test_split_is_fixed_disjoint_and_stratified():
@@ -122,11 +122,8 @@ def test_training_is_deterministic_in_its_seed():
 def test_demo_model_meets_the_certified_accuracy_bar(tmp_path):
     """Issue 2: the sigma-0.25 demo model, full test split, n = 10,000, alpha = 0.001."""
     out = tmp_path / "digits_sigma0.25"
-    result = CliRunner().invoke(
-        certify_command,
-        ["--sigma", "0.25", "--n", "10000", "--alpha", "0.001", "--quiet", "--out", str(out)],
-        catch_exceptions=False,
-    )
+    result = invoke(certify_command, "--sigma", "0.25", "--n", "10000", "--alpha", "0.001",
+                    "--quiet", "--out", str(out))
     assert result.exit_code == 0, result.output
     results = load_results(out.with_name(out.name + ".tsv"))
     assert results.n == 450

@@ -26,6 +26,7 @@ from smoothing.shards import (
     shard_indices,
     shard_stem,
 )
+from tests.cli_helpers import invoke, rows, sidecar
 
 BIN = Path(sys.executable).parent
 # digits, a few examples spread over the test split, small n: seconds per command
@@ -58,20 +59,16 @@ def _write(stem: Path, indices, *, world=2, rank=0, settings=SETTINGS, finished=
     return result
 
 
-def _table(path: Path) -> list[list[str]]:
-    return [line.split("\t") for line in path.read_text().splitlines()]
-
-
 def test_merge_writes_the_rows_of_all_shards_in_index_order(tmp_path):
     stem = tmp_path / "out"
     _write(shard_stem(stem, 0, 2), [0, 10, 20], rank=0)
     _write(shard_stem(stem, 1, 2), [5, 15], rank=1)
     merged = merge_shards(stem, "certify", SETTINGS, 2)
-    table = _table(tmp_path / "out.tsv")
-    assert table[0] == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert [row[0] for row in table[1:]] == ["0", "5", "10", "15", "20"]
-    assert table[2] == ["5", "5", "5", "0.050000", "1", "0.5"]
-    record = json.loads((tmp_path / "out.json").read_text())
+    table = rows(stem)
+    assert list(table[0]) == ["idx", "label", "predict", "radius", "correct", "time"]
+    assert [row["idx"] for row in table] == ["0", "5", "10", "15", "20"]
+    assert list(table[1].values()) == ["5", "5", "5", "0.050000", "1", "0.5"]
+    record = sidecar(stem)
     assert record["world_size"] == 2 and record["rows"] == 5 and record["finished"]
     assert [s["file"] for s in record["merged_from"]] == ["out.rank0-of-2.tsv",
                                                           "out.rank1-of-2.tsv"]
@@ -79,7 +76,7 @@ def test_merge_writes_the_rows_of_all_shards_in_index_order(tmp_path):
     assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob("*merging*"))
     # merged again (a rerun): the same rows, once each
     merge_shards(stem, "certify", SETTINGS, 2)
-    assert _table(tmp_path / "out.tsv") == table
+    assert rows(stem) == table
 
 
 def test_a_shard_of_other_settings_is_refused_by_name_and_nothing_is_written(tmp_path):
@@ -146,7 +143,7 @@ def test_job_array_results_merge_in_index_order_keeping_overlaps_once(tmp_path):
     _write(tmp_path / "task2", [2], world=None)
     merge_results(tmp_path / "all", [tmp_path / f"task{i}" for i in range(3)], "certify",
                   SETTINGS)
-    assert [row[0] for row in _table(tmp_path / "all.tsv")[1:]] == ["0", "1", "2", "3", "4"]
+    assert [row["idx"] for row in rows(tmp_path / "all")] == ["0", "1", "2", "3", "4"]
 
 
 # ---------------------------------------------------------------- the commands, 2 processes
@@ -178,12 +175,6 @@ def one_process(command: str, *args: str, cwd: Path) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=300)
 
 
-def without_time(path: Path) -> list[list[str]]:
-    table = _table(path)
-    at = table[0].index("time")
-    return [row[:at] + row[at + 1:] for row in table]
-
-
 def _assert_ok(done: subprocess.CompletedProcess) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -197,23 +188,23 @@ def _assert_ok(done: subprocess.CompletedProcess) -> None:
 def test_two_ranks_give_the_rows_of_one_process_and_resume(tmp_path, command, extra):
     _assert_ok(one_process(command, *SMALL, *extra, "--out", "single", cwd=tmp_path))
     _assert_ok(torchrun(command, *SMALL, *extra, "--out", "runs/many", cwd=tmp_path))
-    single, many = tmp_path / "single.tsv", tmp_path / "runs" / "many.tsv"
-    assert len(_table(single)) == 1 + 10  # 450 test images, every 45th: 10 examples
-    assert without_time(many) == without_time(single)
-    record = json.loads((tmp_path / "runs" / "many.json").read_text())
+    single, many = tmp_path / "single", tmp_path / "runs" / "many"
+    assert len(rows(single)) == 10  # 450 test images, every 45th: 10 examples
+    assert rows(many, without_time=True) == rows(single, without_time=True)
+    record = sidecar(many)
     assert record["world_size"] == 2 and record["rows"] == 10
     assert [s["rows"] for s in record["merged_from"]] == [5, 5]
-    assert record["settings"] == json.loads((tmp_path / "single.json").read_text())["settings"]
-    shard1 = tmp_path / "runs" / "many.rank1-of-2.tsv"
-    assert [row[0] for row in _table(shard1)[1:]] == [row[0] for row in _table(single)[2::2]]
+    assert record["settings"] == sidecar(single)["settings"]
+    shard1 = tmp_path / "runs" / "many.rank1-of-2"
+    assert [row["idx"] for row in rows(shard1)] == [row["idx"] for row in rows(single)[1::2]]
 
     # A rerun resumes both shards (nothing left to compute) and merges again.
-    rows_before = shard1.read_text()
+    rows_before = (tmp_path / "runs" / "many.rank1-of-2.tsv").read_text()
     _assert_ok(torchrun(command, *SMALL, *extra, "--out", "runs/many", cwd=tmp_path))
-    assert shard1.read_text() == rows_before
-    shard_record = json.loads((tmp_path / "runs" / "many.rank1-of-2.json").read_text())
+    assert (tmp_path / "runs" / "many.rank1-of-2.tsv").read_text() == rows_before
+    shard_record = sidecar(shard1)
     assert len(shard_record["resumed"]) == 1
-    assert without_time(many) == without_time(single)
+    assert rows(many, without_time=True) == rows(single, without_time=True)
 
 
 @pytest.mark.slow
@@ -233,7 +224,8 @@ def test_a_rank_killed_mid_run_resumes_its_shard_and_the_merge_is_redone(tmp_pat
     rank0_rows = (tmp_path / "many.rank0-of-2.tsv").read_text()
 
     _assert_ok(torchrun("certify", *SMALL, "--out", "many", cwd=tmp_path))
-    assert without_time(tmp_path / "many.tsv") == without_time(tmp_path / "single.tsv")
+    assert (rows(tmp_path / "many", without_time=True)
+            == rows(tmp_path / "single", without_time=True))
     assert (tmp_path / "many.rank0-of-2.tsv").read_text() == rank0_rows  # nothing redone
     resumed = shard_tsv.read_text()
     assert resumed.startswith("".join(lines[:4])) and len(resumed.splitlines()) == 6
@@ -280,12 +272,6 @@ def test_a_rank_with_other_settings_is_refused_on_every_rank_before_any_file(tmp
 # ---------------------------------------------------------------- merge-results (job arrays)
 
 
-def _invoke(command, *args: str):
-    from click.testing import CliRunner
-
-    return CliRunner().invoke(command, list(args), catch_exceptions=False)
-
-
 def test_merge_results_joins_job_array_tasks_into_the_rows_of_one_run(tmp_path):
     import torch
 
@@ -294,32 +280,33 @@ def test_merge_results_joins_job_array_tasks_into_the_rows_of_one_run(tmp_path):
 
     torch.set_num_threads(1)
     base = ["--n", "40", "--n0", "10", "--batch", "40", "--quiet"]
-    assert _invoke(certify_command, *base, "--skip", "45", "--out",
-                   str(tmp_path / "single")).exit_code == 0
+    assert invoke(certify_command, *base, "--skip", "45", "--out",
+                  str(tmp_path / "single")).exit_code == 0
     # two array tasks: --start 0 and 45, --skip 90 (what $SLURM_ARRAY_TASK_ID would set)
     for task, start in enumerate((0, 45)):
-        done = _invoke(certify_command, *base, "--start", str(start), "--skip", "90", "--out",
-                       str(tmp_path / f"task{task}"))
+        done = invoke(certify_command, *base, "--start", str(start), "--skip", "90", "--out",
+                      str(tmp_path / f"task{task}"))
         assert done.exit_code == 0, done.output
-    done = _invoke(merge_command, str(tmp_path / "all"), str(tmp_path / "task1.tsv"),
-                   str(tmp_path / "task0.tsv"))
+    done = invoke(merge_command, str(tmp_path / "all"), str(tmp_path / "task1.tsv"),
+                  str(tmp_path / "task0.tsv"))
     assert done.exit_code == 0, done.output
     assert "10 rows from 2 files" in done.output
-    assert without_time(tmp_path / "all.tsv") == without_time(tmp_path / "single.tsv")
-    record = json.loads((tmp_path / "all.json").read_text())
+    assert (rows(tmp_path / "all", without_time=True)
+            == rows(tmp_path / "single", without_time=True))
+    record = sidecar(tmp_path / "all")
     assert [s["selection"]["start"] for s in record["merged_from"]] == [45, 0]
-    single = json.loads((tmp_path / "single.json").read_text())
+    single = sidecar(tmp_path / "single")
     assert record["settings"] == single["settings"]
     # the forward passes of the rows carry over: n0 + n per certify row, as in one run
     assert record["forward_passes"] == single["forward_passes"] == 10 * (10 + 40)
     assert record["forward_passes_uncounted_rows"] == 0
 
     # a task run with other settings is refused, naming it; nothing is written
-    assert _invoke(certify_command, *base[:1], "50", *base[2:], "--start", "1", "--skip",
-                   "90", "--out", str(tmp_path / "other")).exit_code == 0
+    assert invoke(certify_command, *base[:1], "50", *base[2:], "--start", "1", "--skip",
+                  "90", "--out", str(tmp_path / "other")).exit_code == 0
     before = (tmp_path / "all.tsv").read_text()
-    done = _invoke(merge_command, str(tmp_path / "again"), str(tmp_path / "task0.tsv"),
-                   str(tmp_path / "other.tsv"))
+    done = invoke(merge_command, str(tmp_path / "again"), str(tmp_path / "task0.tsv"),
+                  str(tmp_path / "other.tsv"))
     assert done.exit_code == 2
     assert "other.tsv was made with other settings (n: 50 -> 40)" in done.output
     assert not (tmp_path / "again.tsv").exists() and not (tmp_path / "again.json").exists()
@@ -331,14 +318,14 @@ def test_merge_results_refuses_files_it_cannot_vouch_for(tmp_path):
 
     cohen = tmp_path / "cohen.tsv"  # the reference implementation writes no settings file
     cohen.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:00:01\n")
-    done = _invoke(merge_command, str(tmp_path / "out"), str(cohen))
+    done = invoke(merge_command, str(tmp_path / "out"), str(cohen))
     assert done.exit_code == 2 and "cohen.tsv has no settings file (cohen.json)" in done.output
     _write(tmp_path / "a", [0], world=None)
-    done = _invoke(merge_command, str(tmp_path / "a.tsv"), str(tmp_path / "a.tsv"))
+    done = invoke(merge_command, str(tmp_path / "a.tsv"), str(tmp_path / "a.tsv"))
     assert done.exit_code == 2 and "is also one of the FILEs" in done.output
     _write(tmp_path / "b", [1], world=None, finished=False)
-    done = _invoke(merge_command, str(tmp_path / "out"), str(tmp_path / "a.tsv"),
-                   str(tmp_path / "b.tsv"))
+    done = invoke(merge_command, str(tmp_path / "out"), str(tmp_path / "a.tsv"),
+                  str(tmp_path / "b.tsv"))
     assert done.exit_code == 2 and "b.tsv is not finished (1 rows)" in done.output
     assert not list(tmp_path.glob("out*"))
 
@@ -372,11 +359,11 @@ def test_result_files_that_would_be_refused_stop_the_run_before_any_work(tmp_pat
     base = ["--n", "40", "--n0", "10", "--batch", "40", "--quiet", "--max", "2"]
     with monkeypatch.context() as unlaunched:  # a one-process run into OUT first
         unlaunched.delenv("RANK")
-        assert _invoke(certify_command, *base, "--out", str(tmp_path / "out")).exit_code == 0
+        assert invoke(certify_command, *base, "--out", str(tmp_path / "out")).exit_code == 0
     before = (tmp_path / "out.tsv").read_bytes()
     calls = []
     monkeypatch.setattr(Smooth, "certify", lambda *a, **k: calls.append(1))
-    done = _invoke(certify_command, *base[:1], "50", *base[2:], "--out", str(tmp_path / "out"))
+    done = invoke(certify_command, *base[:1], "50", *base[2:], "--out", str(tmp_path / "out"))
     assert done.exit_code == 2
     assert "rank 0: " in done.output and "out.tsv was made with other settings (n: 40 -> 50)" \
         in done.output
@@ -385,7 +372,7 @@ def test_result_files_that_would_be_refused_stop_the_run_before_any_work(tmp_pat
 
     # shards of a run over 3 processes lie beside OUT: refused by name before any work
     _write(tmp_path / "other.rank2-of-3", [4], rank=2, world=3)
-    done = _invoke(certify_command, *base, "--out", str(tmp_path / "other"))
+    done = invoke(certify_command, *base, "--out", str(tmp_path / "other"))
     assert done.exit_code == 2
     assert "other.rank2-of-3.tsv is a shard of a run over 3 processes, this run has 1" \
         in done.output
@@ -404,13 +391,13 @@ def test_one_rank_of_one_writes_its_shard_and_the_merged_rows_of_a_plain_run(tmp
     base = ["--n", "40", "--batch", "40", "--quiet", "--max", "3"]
     with monkeypatch.context() as unlaunched:
         unlaunched.delenv("RANK")
-        assert _invoke(predict_command, *base, "--out", str(tmp_path / "plain")).exit_code == 0
-    done = _invoke(predict_command, *base, "--out", str(tmp_path / "ranked"))
+        assert invoke(predict_command, *base, "--out", str(tmp_path / "plain")).exit_code == 0
+    done = invoke(predict_command, *base, "--out", str(tmp_path / "ranked"))
     assert done.exit_code == 0, done.output
     assert "wrote " + str(tmp_path / "ranked.tsv") + " (3 rows)" in done.output
-    assert without_time(tmp_path / "ranked.tsv") == without_time(tmp_path / "plain.tsv")
-    assert without_time(tmp_path / "ranked.rank0-of-1.tsv") == without_time(
-        tmp_path / "plain.tsv")
+    plain = rows(tmp_path / "plain", without_time=True)
+    assert rows(tmp_path / "ranked", without_time=True) == plain
+    assert rows(tmp_path / "ranked.rank0-of-1", without_time=True) == plain
 
 
 def test_a_rank_without_a_gpu_of_its_own_is_refused_by_name(monkeypatch):

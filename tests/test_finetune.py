@@ -17,11 +17,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from adapt.errors import AdaptError
 from adapt.finetune import CLASSIFIER_WEIGHTS, FinetuneConfig, FrozenDenoiser, finetune
+from tests.cli_helpers import invoke, sidecar
 from tests.tiny_classifiers import (
     clip_options,
     save_tiny_clip,
@@ -206,16 +206,14 @@ def test_torchvision_finetuning_reloads_into_certify(tiny, tmp_path, monkeypatch
                         _native_transform(), raising=True)
     folder = _image_folder(tmp_path / "test_images", tiny["references"])
     stem = tmp_path / "cert"
-    result = CliRunner().invoke(certify_command, [
-        "--model", "resnet18", "--classifier-weights", str(weights),
-        "--denoiser", "if2", "--denoiser-checkpoint", str(tiny["if2"]),
-        "--dataset", f"folder:{folder}", "--sigma", "0.5", "--n0", "2", "--n", "4",
-        "--max", "2", "--device", "cpu", "--out", str(stem), "--quiet",
-    ])
+    result = invoke(certify_command, "--model", "resnet18", "--classifier-weights", str(weights),
+                    "--denoiser", "if2", "--denoiser-checkpoint", str(tiny["if2"]),
+                    "--dataset", f"folder:{folder}", "--sigma", "0.5", "--n0", "2", "--n", "4",
+                    "--max", "2", "--device", "cpu", "--out", str(stem), "--quiet",
+                    catch_exceptions=True)
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "cert.tsv").read_text().splitlines()) == 3
-    sidecar = json.loads((tmp_path / "cert.json").read_text())
-    assert sidecar["settings"]["classifier_weights"] == str(weights)
+    assert sidecar(stem)["settings"]["classifier_weights"] == str(weights)
 
 
 def _native_transform():
@@ -266,11 +264,10 @@ def test_digits_cnn_finetuned_with_the_bundled_ddpm_reloads_into_certify(tmp_pat
     images = train.images[:4]
     with torch.no_grad():
         assert not torch.allclose(untuned(images), tuned(images), atol=1e-5)
-    result = CliRunner().invoke(certify_command, [
-        "--model", "digits-clean", "--classifier-weights", str(weights), "--denoiser", "dds",
-        "--sigma", "0.25", "--n0", "10", "--n", "20", "--max", "2", "--device", "cpu",
-        "--out", str(tmp_path / "cert"), "--quiet",
-    ])
+    result = invoke(certify_command, "--model", "digits-clean",
+                    "--classifier-weights", str(weights), "--denoiser", "dds", "--sigma", "0.25",
+                    "--n0", "10", "--n", "20", "--max", "2", "--device", "cpu",
+                    "--out", str(tmp_path / "cert"), "--quiet", catch_exceptions=True)
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "cert.tsv").read_text().splitlines()) == 3
 

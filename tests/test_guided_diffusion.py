@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import DDPMScheduler, UNet2DModel
 
 from cli.convert import convert_command
@@ -38,6 +37,7 @@ from denoisers.guided_diffusion import (
     convert_checkpoint,
     convert_state_dict,
 )
+from tests.cli_helpers import invoke
 from tests.tiny_models import go_offline
 
 with warnings.catch_warnings():
@@ -359,8 +359,8 @@ def test_impossible_hyperparameters_are_refused():
 def test_command_converts_and_refuses_to_overwrite(tiny, tmp_path, monkeypatch):
     model, checkpoint, _ = tiny
     out = tmp_path / "adm"
-    runner = CliRunner()
-    result = runner.invoke(convert_command, [str(checkpoint), str(out), *TINY_OPTIONS])
+    result = invoke(convert_command, str(checkpoint), str(out), *TINY_OPTIONS,
+                    catch_exceptions=True)
     assert result.exit_code == 0, result.output
     assert "--denoiser dds --denoiser-checkpoint" in result.output
     go_offline(monkeypatch, tmp_path / "hub")
@@ -371,14 +371,14 @@ def test_command_converts_and_refuses_to_overwrite(tiny, tmp_path, monkeypatch):
 
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
     before = weights.stat().st_mtime_ns
-    result = runner.invoke(convert_command, [str(checkpoint), str(out), *TINY_OPTIONS])
+    result = invoke(convert_command, str(checkpoint), str(out), *TINY_OPTIONS,
+                    catch_exceptions=True)
     assert result.exit_code == 2
     assert "already exists" in result.output and "--overwrite" in result.output
     assert weights.stat().st_mtime_ns == before
 
-    result = runner.invoke(
-        convert_command, [str(checkpoint), str(out), *TINY_OPTIONS, "--overwrite"]
-    )
+    result = invoke(convert_command, str(checkpoint), str(out), *TINY_OPTIONS, "--overwrite",
+                    catch_exceptions=True)
     assert result.exit_code == 0, result.output
     assert_same_output(model, UNet2DModel.from_pretrained(out, subfolder="unet"))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -397,7 +397,7 @@ def test_command_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, args, mess
     _, checkpoint, _ = tiny
     out = tmp_path / "adm"
     options = args if not args else [*TINY_OPTIONS, *args]
-    result = CliRunner().invoke(convert_command, [str(checkpoint), str(out), *options])
+    result = invoke(convert_command, str(checkpoint), str(out), *options, catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
@@ -405,7 +405,8 @@ def test_command_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, args, mess
 
 
 def test_command_missing_checkpoint_exits_2(tmp_path):
-    result = CliRunner().invoke(convert_command, [str(tmp_path / "no.pt"), str(tmp_path / "o")])
+    result = invoke(convert_command, str(tmp_path / "no.pt"), str(tmp_path / "o"),
+                    catch_exceptions=True)
     assert result.exit_code == 2
     assert "no such checkpoint file" in result.output
     assert not (tmp_path / "o").exists()

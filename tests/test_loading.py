@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import cli.denoise
@@ -31,6 +30,7 @@ from denoisers.registry import (
     UnreadableCheckpointError,
     weight_variants,
 )
+from tests.cli_helpers import invoke, sidecar
 from tests.tiny_models import (
     go_offline,
     one_thread,
@@ -325,10 +325,11 @@ def digits_ddpm_fp16(tmp_path_factory):
 
 def test_certify_with_variant_records_it(digits_ddpm_fp16, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(certify_command, certify_args(
-        out, "--denoiser-checkpoint", str(digits_ddpm_fp16), "--variant", "fp16"))
+    result = invoke(certify_command, *certify_args(
+        out, "--denoiser-checkpoint", str(digits_ddpm_fp16), "--variant", "fp16"),
+        catch_exceptions=True)
     assert result.exit_code == 0, result.output
-    denoiser = json.loads(out.with_suffix(".json").read_text())["settings"]["denoiser"]
+    denoiser = sidecar(out)["settings"]["denoiser"]
     assert (denoiser["variant"], denoiser["dtype"]) == ("fp16", "fp32")
     assert denoiser["checkpoint"] == str(digits_ddpm_fp16)
     assert len(out.with_suffix(".tsv").read_text().splitlines()) == 3
@@ -346,18 +347,17 @@ def test_certify_refuses_unreadable_variants_and_writes_nothing(
     digits_ddpm_fp16, tmp_path, extra, message
 ):
     out = tmp_path / "run"
-    result = CliRunner().invoke(
-        certify_command, certify_args(out, "--denoiser-checkpoint", str(digits_ddpm_fp16), *extra)
-    )
+    result = invoke(certify_command,
+                    *certify_args(out, "--denoiser-checkpoint", str(digits_ddpm_fp16), *extra),
+                    catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert list(tmp_path.iterdir()) == []
 
 
 def test_variant_without_a_denoiser_is_refused(tmp_path):
-    result = CliRunner().invoke(
-        certify_command, ["--variant", "fp16", "--out", str(tmp_path / "run")]
-    )
+    result = invoke(certify_command, "--variant", "fp16", "--out", str(tmp_path / "run"),
+                    catch_exceptions=True)
     assert result.exit_code == 2 and "--variant need --denoiser" in result.output
     assert list(tmp_path.iterdir()) == []
 
@@ -380,10 +380,9 @@ def test_denoise_reads_deepfloyds_layout_by_hub_id_offline(
     go_offline(monkeypatch, cache)
     columns = []
     monkeypatch.setattr(cli.denoise, "_draw", lambda cols, out: columns.extend(cols))
-    result = CliRunner().invoke(denoise_command, [
-        "--dataset", f"folder:{image_folder}", "--indices", "0", "--sigmas", str(SIGMA),
-        "--denoiser", "if2", "--variant", "fp16", "--out", str(tmp_path / "grid.png"),
-    ])
+    result = invoke(denoise_command, "--dataset", f"folder:{image_folder}", "--indices", "0",
+                    "--sigmas", str(SIGMA), "--denoiser", "if2", "--variant", "fp16",
+                    "--out", str(tmp_path / "grid.png"), catch_exceptions=True)
     assert result.exit_code == 0, result.output
     title, denoised = columns[2]
     assert title == f"if2 σ={SIGMA:g} k=1.8"
@@ -398,11 +397,10 @@ def test_denoise_with_a_corrupt_tokenizer_exits_2_and_draws_nothing(
     broken_tokenizer_dir, image_folder, tmp_path
 ):
     out = tmp_path / "grid.png"
-    result = CliRunner().invoke(denoise_command, [
-        "--dataset", f"folder:{image_folder}", "--indices", "0", "--sigmas", str(SIGMA),
-        "--denoiser", "if2", "--denoiser-checkpoint", str(broken_tokenizer_dir),
-        "--out", str(out),
-    ])
+    result = invoke(denoise_command, "--dataset", f"folder:{image_folder}", "--indices", "0",
+                    "--sigmas", str(SIGMA), "--denoiser", "if2",
+                    "--denoiser-checkpoint", str(broken_tokenizer_dir), "--out", str(out),
+                    catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert "spiece.model is not a sentencepiece model" in result.output
     assert not out.exists()

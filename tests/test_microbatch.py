@@ -8,12 +8,10 @@ out-of-memory path is driven on the CPU by a denoiser that raises
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from classifiers import build_classifier
 from denoisers import DENOISERS
@@ -25,6 +23,7 @@ from denoisers.pipeline import (
     micro_batch_that_fits,
 )
 from smoothing.core import Smooth
+from tests.cli_helpers import invoke, rows, sidecar
 from tests.tiny_classifiers import clip_options, save_tiny_clip
 from tests.tiny_models import one_thread, save_tiny_ddpm, save_tiny_if2
 
@@ -228,28 +227,23 @@ def test_cli_micro_batch_changes_no_row_and_is_not_a_resume_setting(tmp_path):
     common = ["--denoiser", "dds", "--n", "40", "--n0", "8", "--batch", "20", "--max", "3",
               "--quiet"]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert CliRunner().invoke(certify_command, [*common, "--out", str(whole)]).exit_code == 0
-    result = CliRunner().invoke(
-        certify_command, [*common, "--micro-batch", "3", "--out", str(split)]
-    )
+    assert invoke(certify_command, *common, "--out", str(whole),
+                  catch_exceptions=True).exit_code == 0
+    result = invoke(certify_command, *common, "--micro-batch", "3", "--out", str(split),
+                    catch_exceptions=True)
     assert result.exit_code == 0, result.output
-
-    def rows(stem):
-        lines = stem.with_suffix(".tsv").read_text().splitlines()
-        return [line.split("\t")[:5] for line in lines]  # all but the time column
-
-    assert rows(split) == rows(whole) and len(rows(whole)) == 4
-    record = json.loads(split.with_suffix(".json").read_text())
+    assert rows(split, without_time=True) == rows(whole, without_time=True)
+    assert len(rows(whole)) == 3
+    record = sidecar(split)
     assert record["micro_batch"] == 3 and "micro_batch" not in record["settings"]
-    assert json.loads(whole.with_suffix(".json").read_text())["micro_batch"] == "auto"
+    assert sidecar(whole)["micro_batch"] == "auto"
 
     # another micro-batch resumes the same file instead of refusing it
-    result = CliRunner().invoke(
-        certify_command, [*common, "--max", "4", "--micro-batch", "5", "--out", str(split)]
-    )
+    result = invoke(certify_command, *common, "--max", "4", "--micro-batch", "5",
+                    "--out", str(split), catch_exceptions=True)
     assert result.exit_code == 0, result.output
-    assert len(rows(split)) == 5
-    assert json.loads(split.with_suffix(".json").read_text())["micro_batch"] == 5
+    assert len(rows(split)) == 4
+    assert sidecar(split)["micro_batch"] == 5
 
 
 @pytest.mark.parametrize(
@@ -259,7 +253,7 @@ def test_cli_refuses_a_micro_batch_without_denoiser_or_below_one(tmp_path, args)
     from cli.main import certify_command
 
     out = tmp_path / "r"
-    result = CliRunner().invoke(certify_command, ["--max", "2", "--out", str(out), *args])
+    result = invoke(certify_command, "--max", "2", "--out", str(out), *args, catch_exceptions=True)
     assert result.exit_code == 2
     assert "--micro-batch" in result.output
     assert not list(tmp_path.iterdir())  # nothing written

@@ -9,6 +9,7 @@ from torch import nn
 from classifiers import build_classifier, build_dataset
 from smoothing.core import Smooth
 from smoothing.packing import base_predictions, packed_counts
+from tests.cli_helpers import rows
 
 
 class Spy(nn.Module):
@@ -132,10 +133,7 @@ def _run(tmp_path, name, mode, pack, indices=range(40), dataset=None, model=None
     results = ResultFile(tmp_path / name, mode, {"case": "packing", **values})
     run(Smooth(model, 10, 0.25), dataset, list(indices), results,
         RunSettings(**values, pack=pack), progress=False)
-    header, *lines = results.tsv.read_text().splitlines()
-    time_column = header.split("\t").index("time")
-    rows = [[v for k, v in enumerate(line.split("\t")) if k != time_column] for line in lines]
-    return rows, model, json.loads(results.sidecar.read_text())
+    return rows(results.stem, without_time=True), model, json.loads(results.sidecar.read_text())
 
 
 @pytest.mark.parametrize("mode", ["predict", "certify"])
@@ -174,9 +172,7 @@ def test_an_unreadable_image_in_a_group_is_skipped_and_the_others_unchanged(tmp_
     model = build_classifier("digits-sigma0.25", class_names=digits.classes, sigma=0.25)
     run(Smooth(model, 10, 0.25), Broken(), list(range(12)), results,
         RunSettings(**values, pack=True), progress=False, skip_errors=(UnreadableImageError,))
-    lines = results.tsv.read_text().splitlines()[1:]
-    rows = [[v for k, v in enumerate(line.split("\t")) if k != 4] for line in lines]
-    assert rows == [row for row in plain if row[0] != "3"]
+    assert rows(results.stem, without_time=True) == [row for row in plain if row["idx"] != "3"]
     assert json.loads(results.sidecar.read_text())["skipped"] == {
         "3": "cannot read image 3.png: damaged"}
 

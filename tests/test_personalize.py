@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import adapt.personalize as module
 from adapt.errors import AdaptError
 from adapt.personalize import LORA_WEIGHTS, PersonalizeConfig, personalize
+from tests.cli_helpers import rows
 from tests.tiny_classifiers import clip_options, save_tiny_clip, snapshot, write_reference_set
 from tests.tiny_models import one_thread, save_tiny_if2
 
@@ -64,9 +65,7 @@ def config(tiny, tmp_path):
 
 
 def log_rows(out):
-    lines = (out / "loss_log.tsv").read_text().splitlines()
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+    return rows(out / "loss_log")
 
 
 @pytest.fixture

@@ -8,12 +8,10 @@ trees; the IF-II pipeline is the tiny one of tests/tiny_models.py.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from classifiers import CLASSIFIERS
@@ -22,6 +20,7 @@ from classifiers.protocols import CHOI2024, PROTOCOLS, ProtocolError, get_protoc
 from classifiers.registry import Entry
 from cli.denoise import denoise_command
 from cli.main import certify_command, predict_command
+from tests.cli_helpers import invoke, rows, sidecar
 from tests.tiny_models import save_tiny_if2
 
 # (CLIP template, IF-II template) per dataset, as the reference code has them.
@@ -250,16 +249,14 @@ FAST = ["--n0", "2", "--n", "4", "--batch", "4", "--quiet", "--device", "cpu"]
 def test_certify_under_the_protocol(caltech_root, tmp_path):
     stem = tmp_path / "run"
     with recording_classifier() as built:
-        result = CliRunner().invoke(certify_command, [
-            "--protocol", "choi2024", "--dataset", "caltech256", "--data-root",
-            str(caltech_root), "--model", "recorder", "--max", "3", "--out", str(stem), *FAST,
-        ])
+        result = invoke(certify_command, "--protocol", "choi2024", "--dataset", "caltech256",
+                        "--data-root", str(caltech_root), "--model", "recorder", "--max", "3",
+                        "--out", str(stem), *FAST, catch_exceptions=True)
     assert result.exit_code == 0, result.output
-    rows = (tmp_path / "run.tsv").read_text().splitlines()[1:]
-    assert [row.split("\t")[0] for row in rows] == ["0", "2", "4"]  # every 2nd of 1028
+    assert [row["idx"] for row in rows(stem)] == ["0", "2", "4"]  # every 2nd of 1028
     assert built[0]["templates"] == ["A photo of a {}."]
     assert built[0]["class_names"][:2] == ["ak47", "american flag"]
-    record = json.loads((tmp_path / "run.json").read_text())
+    record = sidecar(stem)
     protocol = record["settings"]["protocol"]
     assert protocol["name"] == "choi2024"
     assert protocol["subsample"] == {"rule": "every floor(len/500)-th from 0",
@@ -291,19 +288,18 @@ def test_predict_with_if2_under_the_protocol(caltech_root, if2_dir, tmp_path, mo
     monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", spy_tokenizer)
     stem = tmp_path / "if2"
     with recording_classifier():
-        result = CliRunner().invoke(predict_command, [
-            "--protocol", "choi2024", "--dataset", "caltech256", "--data-root",
-            str(caltech_root), "--model", "recorder", "--denoiser", "if2",
-            "--denoiser-checkpoint", str(if2_dir), "--max", "1", "--out", str(stem),
-            "--n", "4", "--batch", "4", "--quiet", "--device", "cpu", "--token", token,
-        ])
+        result = invoke(predict_command, "--protocol", "choi2024", "--dataset", "caltech256",
+                        "--data-root", str(caltech_root), "--model", "recorder",
+                        "--denoiser", "if2", "--denoiser-checkpoint", str(if2_dir), "--max", "1",
+                        "--out", str(stem), "--n", "4", "--batch", "4", "--quiet",
+                        "--device", "cpu", "--token", token, catch_exceptions=True)
     assert result.exit_code == 0, result.output
     # Eq. 9: the dataset's template with an empty label, or the token after `adapt`
     # (diffusers lower-cases the text before its tokenizer, as in the reference's pipeline;
     # encode_prompt calls it twice: for the ids, and untruncated to warn on length).
     assert prompts == [text]
     assert tokenized and all(batch == [text.lower()] for batch in tokenized)
-    denoiser = json.loads((tmp_path / "if2.json").read_text())["settings"]["denoiser"]
+    denoiser = sidecar(stem)["settings"]["denoiser"]
     assert denoiser["prompt"] == text and denoiser["token"] == token
     assert denoiser["prompt_template"] == "A photo of a {}."
     assert denoiser["timestep_rounding"] == "reference"
@@ -322,11 +318,10 @@ def test_denoise_under_the_protocol_with_k_zero(caltech_root, if2_dir, tmp_path,
         return forward(self, sample, timestep, *args, class_labels=class_labels, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
-    result = CliRunner().invoke(denoise_command, [
-        "--protocol", "choi2024", "--dataset", "caltech256", "--data-root", str(caltech_root),
-        "--indices", "0", "--sigmas", "0.25", "--denoiser", "if2", "--denoiser-checkpoint",
-        str(if2_dir), "--k", "0,1.8", "--device", "cpu", "--out", str(tmp_path / "grid.png"),
-    ])
+    result = invoke(denoise_command, "--protocol", "choi2024", "--dataset", "caltech256",
+                    "--data-root", str(caltech_root), "--indices", "0", "--sigmas", "0.25",
+                    "--denoiser", "if2", "--denoiser-checkpoint", str(if2_dir), "--k", "0,1.8",
+                    "--device", "cpu", "--out", str(tmp_path / "grid.png"), catch_exceptions=True)
     assert result.exit_code == 0, result.output
     assert [label.tolist() for label in labels] == [[0.0], [pytest.approx(520.2, abs=1e-4)]]
     assert all(label.dtype == torch.float32 for label in labels)  # reference rounding
@@ -340,12 +335,12 @@ def test_timestep_rounding_is_recorded_either_way(if2_dir, tmp_path, native_size
         (tmp_path / "images" / name).mkdir(parents=True)
         Image.new("RGB", (12, 10), (200, 30, 30)).save(tmp_path / "images" / name / "a.png")
     with recording_classifier():
-        result = CliRunner().invoke(certify_command, [
-            "--dataset", f"folder:{tmp_path / 'images'}", "--model", "recorder",
-            "--denoiser", "if2", "--denoiser-checkpoint", str(if2_dir), "--max", "1",
-            "--out", str(tmp_path / "run"), *args, *FAST])
+        result = invoke(certify_command, "--dataset", f"folder:{tmp_path / 'images'}",
+                        "--model", "recorder", "--denoiser", "if2",
+                        "--denoiser-checkpoint", str(if2_dir), "--max", "1",
+                        "--out", str(tmp_path / "run"), *args, *FAST, catch_exceptions=True)
     assert result.exit_code == 0, result.output
-    settings = json.loads((tmp_path / "run.json").read_text())["settings"]
+    settings = sidecar(tmp_path / "run")["settings"]
     assert settings["protocol"] is None
     assert settings["denoiser"]["timestep_rounding"] == rounding
     assert settings["denoiser"]["corrected_timestep"] == pytest.approx(label)
@@ -355,11 +350,11 @@ def test_timestep_rounding_is_recorded_either_way(if2_dir, tmp_path, native_size
 
 
 def test_k_zero_is_accepted_and_negative_k_refused(tmp_path):
-    ok = CliRunner().invoke(certify_command, [
-        "--k", "0", "--max", "1", "--n0", "2", "--n", "4", "--quiet",
-        "--out", str(tmp_path / "k0")])
+    ok = invoke(certify_command, "--k", "0", "--max", "1", "--n0", "2", "--n", "4", "--quiet",
+                "--out", str(tmp_path / "k0"), catch_exceptions=True)
     assert ok.exit_code == 0, ok.output
-    bad = CliRunner().invoke(certify_command, ["--k", "-0.2", "--out", str(tmp_path / "kneg")])
+    bad = invoke(certify_command, "--k", "-0.2", "--out", str(tmp_path / "kneg"),
+                 catch_exceptions=True)
     assert bad.exit_code == 2 and "--k" in bad.output and "must be >= 0" in bad.output
     assert not (tmp_path / "kneg.tsv").exists()
 
@@ -389,9 +384,8 @@ def test_bad_protocol_input_gives_one_message_and_exit_2(caltech_root, tmp_path,
                                                          message):
     stem = tmp_path / "refused"
     with recording_classifier():
-        result = CliRunner().invoke(certify_command, [
-            "--model", "recorder", "--data-root", str(caltech_root), *args,
-            "--out", str(stem), *FAST])
+        result = invoke(certify_command, "--model", "recorder", "--data-root", str(caltech_root),
+                        *args, "--out", str(stem), *FAST, catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
@@ -401,10 +395,10 @@ def test_bad_protocol_input_gives_one_message_and_exit_2(caltech_root, tmp_path,
 
 def test_values_equal_to_the_protocols_are_not_conflicts(caltech_root, tmp_path):
     with recording_classifier() as built:
-        result = CliRunner().invoke(certify_command, [
-            "--protocol", "choi2024", "--dataset", "caltech256", "--data-root",
-            str(caltech_root), "--model", "recorder", "--template", "A photo of a {}.",
-            "--skip", "2", "--start", "0", "--max", "1", "--out", str(tmp_path / "same"), *FAST])
+        result = invoke(certify_command, "--protocol", "choi2024", "--dataset", "caltech256",
+                        "--data-root", str(caltech_root), "--model", "recorder",
+                        "--template", "A photo of a {}.", "--skip", "2", "--start", "0",
+                        "--max", "1", "--out", str(tmp_path / "same"), *FAST, catch_exceptions=True)
     assert result.exit_code == 0, result.output
     assert built[0]["templates"] == ["A photo of a {}."]
 
@@ -415,9 +409,9 @@ def test_protocol_on_fewer_than_500_examples_is_refused(tmp_path):
         path.mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(path / f"{number:03d}_0001.jpg")  # 257 images
     with recording_classifier():
-        result = CliRunner().invoke(certify_command, [
-            "--protocol", "choi2024", "--dataset", "caltech256", "--data-root",
-            str(tmp_path / "data"), "--model", "recorder", "--out", str(tmp_path / "r"), *FAST])
+        result = invoke(certify_command, "--protocol", "choi2024", "--dataset", "caltech256",
+                        "--data-root", str(tmp_path / "data"), "--model", "recorder",
+                        "--out", str(tmp_path / "r"), *FAST, catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert "this dataset has 257 (< 500)" in result.output
     assert not (tmp_path / "r.tsv").exists()

@@ -10,6 +10,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
+from tests.cli_helpers import rows
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -45,12 +47,13 @@ def test_readme_example_runs_and_certifies_the_digits(tmp_path, monkeypatch) -> 
     best = 0.25 * NormalDist().inv_cdf(0.001 ** (1 / 1000))
     assert namespace["prediction"] == namespace["label"]
     assert 0 < namespace["radius"] <= best
-    header, *rows = (tmp_path / "runs" / "my_model.tsv").read_text().splitlines()
+    header = (tmp_path / "runs" / "my_model.tsv").read_text().splitlines()[0]
     assert header.split("\t") == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert [int(r.split("\t")[0]) for r in rows] == list(range(10))
-    radii = [float(r.split("\t")[3]) for r in rows]
+    table = rows(tmp_path / "runs" / "my_model")
+    assert [int(r["idx"]) for r in table] == list(range(10))
+    radii = [float(r["radius"]) for r in table]
     assert max(radii) == math.floor(best * 1e6) / 1e6  # some example got every vote
-    assert sum(int(r.split("\t")[4]) for r in rows) >= 9  # a noise-trained model on easy digits
+    assert sum(int(r["correct"]) for r in table) >= 9  # a noise-trained model on easy digits
     assert (tmp_path / "runs" / "my_model.json").is_file()
 
 

@@ -18,21 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from classifiers.digits import weights_path
 from cli.main import certify_command
 from smoothing.analysis import load_results
 from smoothing.core import Smooth
 from smoothing.runner import ResultFile, ResultFileError, RunSettings, example_seed, run
+from tests.cli_helpers import invoke, sidecar
 from tests.test_runner import SETTINGS, Linear, certify_all, make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--n0", "20", "--n", "100", "--batch", "100", "--max", "2", "--quiet"]
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(certify_command, list(args), catch_exceptions=False)
 
 
 def opened(stem: Path) -> ResultFile:
@@ -111,7 +107,7 @@ def holder_process(stem: Path):
 def test_another_process_holding_the_lock_refuses_the_cli_and_sigkill_releases_it(tmp_path):
     stem = tmp_path / "run"
     with holder_process(stem) as process:
-        refused = invoke(*FAST, "--out", str(stem))
+        refused = invoke(certify_command, *FAST, "--out", str(stem))
         assert refused.exit_code == 2, refused.output
         assert f"pid {process.pid}" in refused.output
         assert not (tmp_path / "run.tsv").exists() and not (tmp_path / "run.json").exists()
@@ -119,7 +115,7 @@ def test_another_process_holding_the_lock_refuses_the_cli_and_sigkill_releases_i
         process.wait(timeout=30)
     # the killed holder left its lock file, but the kernel dropped its lock
     assert (tmp_path / "run.lock").exists()
-    result = invoke(*FAST, "--out", str(stem))
+    result = invoke(certify_command, *FAST, "--out", str(stem))
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "run.tsv").read_text().splitlines()) == 1 + 2
 
@@ -170,13 +166,14 @@ def test_negative_seeds_are_refused_up_front(tmp_path):
         example_seed(-1, 0)
     with pytest.raises(ValueError, match="seed"):
         RunSettings(**{**SETTINGS, "seed": -1})
-    result = invoke(*FAST, "--seed", "-1", "--out", str(tmp_path / "run"))
+    result = invoke(certify_command, *FAST, "--seed", "-1", "--out", str(tmp_path / "run"))
     assert result.exit_code == 2 and "--seed" in result.output
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_missing_checkpoint_leaves_no_file(tmp_path):
-    result = invoke(*FAST, "--classifier-weights", str(tmp_path / "missing.safetensors"),
+    result = invoke(certify_command, *FAST,
+                    "--classifier-weights", str(tmp_path / "missing.safetensors"),
                     "--out", str(tmp_path / "out" / "run"))
     assert result.exit_code == 2 and "no such file" in result.output
     assert not (tmp_path / "out").exists()
@@ -217,7 +214,7 @@ def test_a_read_only_tsv_is_refused_before_anything_changes(tmp_path):
 def test_resume_keeps_the_history_of_versions(tmp_path):
     certify_all(tmp_path / "run", indices=[0, 1])
     certify_all(tmp_path / "run", indices=[0, 1, 2])
-    record = json.loads((tmp_path / "run.json").read_text())
+    record = sidecar(tmp_path / "run")
     history = record["versions_history"]
     assert len(history) == 2 and len(record["resumed"]) == 1
     assert [entry["versions"]["torch"] for entry in history] == [metadata.version("torch")] * 2
@@ -226,7 +223,7 @@ def test_resume_keeps_the_history_of_versions(tmp_path):
 
 def test_rows_from_another_torch_are_not_mixed_in(tmp_path):
     certify_all(tmp_path / "run", indices=[0, 1])
-    record = json.loads((tmp_path / "run.json").read_text())
+    record = sidecar(tmp_path / "run")
     record["versions"]["torch"] = "1.13.0"
     (tmp_path / "run.json").write_text(json.dumps(record))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -234,7 +231,7 @@ def test_rows_from_another_torch_are_not_mixed_in(tmp_path):
         certify_all(tmp_path / "run")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     certify_all(tmp_path / "run", overwrite=True)
-    record = json.loads((tmp_path / "run.json").read_text())
+    record = sidecar(tmp_path / "run")
     assert record["versions"]["torch"] == metadata.version("torch")
     assert len(record["versions_history"]) == 1
 
@@ -244,9 +241,9 @@ def sha256(path: Path) -> str:
 
 
 def test_the_json_records_libraries_device_commit_and_weights(tmp_path):
-    result = invoke(*FAST, "--out", str(tmp_path / "run"))
+    result = invoke(certify_command, *FAST, "--out", str(tmp_path / "run"))
     assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "run.json").read_text())
+    record = sidecar(tmp_path / "run")
     versions = record["versions"]
     for name in ("torchvision", "diffusers", "transformers", "open_clip_torch", "peft",
                  "scikit-learn"):
@@ -263,10 +260,10 @@ def test_the_json_records_libraries_device_commit_and_weights(tmp_path):
 
 @pytest.mark.slow
 def test_the_digits_ddpm_files_are_hashed(tmp_path):
-    result = invoke(*FAST, "--max", "1", "--n", "20", "--n0", "10", "--denoiser", "dds",
-                    "--out", str(tmp_path / "run"))
+    result = invoke(certify_command, *FAST, "--max", "1", "--n", "20", "--n0", "10",
+                    "--denoiser", "dds", "--out", str(tmp_path / "run"))
     assert result.exit_code == 0, result.output
-    digests = json.loads((tmp_path / "run.json").read_text())["weights_sha256"]["denoiser"]
+    digests = sidecar(tmp_path / "run")["weights_sha256"]["denoiser"]
     folder = REPO / "denoisers" / "weights" / "digits_ddpm"
     expected = [folder / "unet" / "config.json", folder / "scheduler" / "scheduler_config.json",
                 folder / "unet" / "diffusion_pytorch_model.safetensors"]

@@ -20,6 +20,7 @@ from smoothing.runner import (
     run,
     select_indices,
 )
+from tests.cli_helpers import rows
 
 
 class Linear(torch.nn.Module):
@@ -61,11 +62,6 @@ def certify_all(stem, model=None, indices=None, settings=None, **kwargs):
     return results
 
 
-def value_columns(path) -> list[list[str]]:
-    lines = path.read_text().splitlines()
-    return [line.split("\t")[:5] for line in lines]
-
-
 def test_rows_have_cohens_columns_and_sidecar_records_settings(tmp_path):
     results = certify_all(tmp_path / "run")
     header, *rows = results.tsv.read_text().splitlines()
@@ -88,13 +84,13 @@ def test_a_dot_in_the_stem_is_kept_in_the_file_names(tmp_path):
 def test_same_seed_gives_identical_rows(tmp_path):
     first = certify_all(tmp_path / "a")
     second = certify_all(tmp_path / "b")
-    assert value_columns(first.tsv) == value_columns(second.tsv)
+    assert rows(first.stem, without_time=True) == rows(second.stem, without_time=True)
 
 
 def test_other_seed_gives_other_rows(tmp_path):
     first = certify_all(tmp_path / "a")
     other = certify_all(tmp_path / "b", settings={**SETTINGS, "seed": 4})
-    assert value_columns(first.tsv) != value_columns(other.tsv)
+    assert rows(first.stem, without_time=True) != rows(other.stem, without_time=True)
 
 
 def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(tmp_path):
@@ -105,7 +101,7 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert 1 < len(partial) < 9, "the interruption should leave some rows written"
     assert json.loads((tmp_path / "cut.json").read_text())["finished"] is None
     resumed = certify_all(tmp_path / "cut")
-    assert value_columns(resumed.tsv) == value_columns(reference.tsv)
+    assert rows(resumed.stem, without_time=True) == rows(reference.stem, without_time=True)
     assert json.loads(resumed.sidecar.read_text())["resumed"], "the resume is recorded"
 
 
@@ -116,7 +112,7 @@ def test_a_partly_written_last_line_is_discarded_and_recomputed(tmp_path):
     (tmp_path / "cut.tsv").write_text("".join(lines[:4]) + lines[4][:5])
     (tmp_path / "cut.json").write_text(reference.sidecar.read_text())
     resumed = certify_all(cut)
-    assert value_columns(resumed.tsv) == value_columns(reference.tsv)
+    assert rows(resumed.stem, without_time=True) == rows(reference.stem, without_time=True)
 
 
 def test_resume_never_recomputes_finished_rows(tmp_path):

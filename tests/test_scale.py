@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from classifiers import build_classifier, build_dataset
 from cli.analyze import analyze_command
@@ -18,6 +17,7 @@ from smoothing import analysis
 from smoothing.core import Smooth
 from smoothing.runner import example_generator
 from smoothing.sequential import certify_at_radii, design
+from tests.cli_helpers import invoke, rows, sidecar
 
 N0, N = 20, 200
 FAST = ["--n0", str(N0), "--n", str(N), "--batch", "100", "--quiet", "--threads", "1"]
@@ -30,23 +30,6 @@ def _single_thread():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)  # --threads 1 sets it for the process
-
-
-def invoke(command, *args: str):
-    return CliRunner().invoke(command, list(args), catch_exceptions=False)
-
-
-def rows(stem: Path) -> list[dict[str, str]]:
-    header, *lines = stem.with_name(stem.name + ".tsv").read_text().splitlines()
-    return [dict(zip(header.split("\t"), line.split("\t"), strict=True)) for line in lines]
-
-
-def without_time(table: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{k: v for k, v in row.items() if k != "time"} for row in table]
-
-
-def sidecar(stem: Path) -> dict:
-    return json.loads(stem.with_name(stem.name + ".json").read_text())
 
 
 def summary(stem: Path) -> list[dict]:
@@ -87,7 +70,8 @@ def test_forward_passes_add_up_over_resumes_and_interruptions(tmp_path, monkeypa
 
     with monkeypatch.context() as patch:
         patch.setattr(Smooth, "certify", interrupted_on_the_third_example)
-        result = CliRunner().invoke(certify_command, [*FAST, "--max", "5", "--out", str(out)])
+        result = invoke(certify_command, *FAST, "--max", "5", "--out", str(out),
+                        catch_exceptions=True)
     assert result.exit_code == 130
     # the interrupted example drew nothing that counts: it has no row
     assert sidecar(out)["forward_passes"] == 2 * (N0 + N)
@@ -123,7 +107,8 @@ def test_early_exit_changes_only_wrong_guesses_and_not_the_analyze_table(tmp_pat
     result = invoke(certify_command, *FAST, *WRONG_GUESSES, "--early-exit", "--out", str(early))
     assert result.exit_code == 0, result.output
     exited = 0
-    for whole, cut in zip(without_time(rows(full)), without_time(rows(early)), strict=True):
+    for whole, cut in zip(rows(full, without_time=True), rows(early, without_time=True),
+                          strict=True):
         if cut["predict"] in (cut["label"], "-1"):
             assert cut == whole  # the guess was right: the same draws, the same row
         else:
@@ -144,8 +129,8 @@ def test_a_resume_with_other_scale_settings_is_refused(tmp_path):
     assert invoke(certify_command, *FAST, "--max", "2", "--out", str(out)).exit_code == 0
     before = out.with_name("run.tsv").read_text(), out.with_name("run.json").read_text()
     for extra in (["--early-exit"], ["--sequential", "--radii", "0,0.25"]):
-        result = CliRunner().invoke(certify_command, [*FAST, "--max", "3", *extra,
-                                                      "--out", str(out)])
+        result = invoke(certify_command, *FAST, "--max", "3", *extra, "--out", str(out),
+                        catch_exceptions=True)
         assert result.exit_code == 2, result.output
         assert "other settings" in result.output
     assert (out.with_name("run.tsv").read_text(), out.with_name("run.json").read_text()) \
@@ -190,7 +175,8 @@ def test_sequential_with_early_exit(tmp_path):
     assert invoke(certify_command, *args, "--out", str(plain)).exit_code == 0
     assert invoke(certify_command, *args, "--early-exit", "--out", str(early)).exit_code == 0
     exited = 0
-    for whole, cut in zip(without_time(rows(plain)), without_time(rows(early)), strict=True):
+    for whole, cut in zip(rows(plain, without_time=True), rows(early, without_time=True),
+                          strict=True):
         if cut["predict"] in (cut["label"], "-1"):
             assert cut == whole
         else:
@@ -243,8 +229,8 @@ def test_analyze_says_a_sequential_acr_is_a_grid_acr(tmp_path):
 )
 def test_bad_scale_options_give_one_message_and_exit_2(tmp_path, command, args, message):
     fast = FAST if command is certify_command else FAST[2:]
-    result = CliRunner().invoke(command, [*fast, "--max", "2", *args,
-                                          "--out", str(tmp_path / "r")])
+    result = invoke(command, *fast, "--max", "2", *args, "--out", str(tmp_path / "r"),
+                    catch_exceptions=True)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output

@@ -5,15 +5,14 @@ EfficientNet-Lite0 and FFDNet; the digits CNN and DDPM are in test_result_integr
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from cli.main import certify_command
+from tests.cli_helpers import invoke, sidecar
 from tests.test_cli import registered_dataset
 
 FAST = ["--n0", "2", "--n", "4", "--batch", "4", "--max", "1", "--quiet", "--device", "cpu"]
@@ -42,7 +41,7 @@ def sha256(path: Path) -> str:
 
 
 def digests(out: Path) -> dict:
-    record = json.loads(out.with_name(out.name + ".json").read_text())["weights_sha256"]
+    record = sidecar(out)["weights_sha256"]
     return {
         part: None if files is None else {Path(k).resolve(): v for k, v in files.items()}
         for part, files in record.items()
@@ -55,10 +54,7 @@ def expected(*paths: Path) -> dict:
 
 def certify(out: Path, *args: str, dataset=TinyImages):
     with registered_dataset("tinyimages", lambda split, data_root: dataset()):
-        result = CliRunner().invoke(
-            certify_command, [*FAST, "--dataset", "tinyimages", *args, "--out", str(out)],
-            catch_exceptions=False,
-        )
+        result = invoke(certify_command, *FAST, "--dataset", "tinyimages", *args, "--out", str(out))
     assert result.exit_code == 0, result.output
 
 
@@ -136,10 +132,9 @@ def test_efficientnet_lite0_and_ffdnet_package_weights(tmp_path):
     from denoisers.ffdnet import bundled_weights_path
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(certify_command, [
-        *FAST, "--model", "efficientnet-lite0", "--dataset", "imagenet-samples",
-        "--denoiser", "ffdnet", "--sigma", "0.12", "--out", str(out),
-    ], catch_exceptions=False)
+    result = invoke(certify_command, *FAST, "--model", "efficientnet-lite0",
+                    "--dataset", "imagenet-samples", "--denoiser", "ffdnet", "--sigma", "0.12",
+                    "--out", str(out))
     assert result.exit_code == 0, result.output
     assert digests(out) == {
         "classifier": expected(package_weights_path()),
