@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy.stats import norm
 
-from bench.sequential import ALPHA, N, N0, SIGMA, wald_bound
+from bench.sequential import ALPHA, N0, SIGMA, N, wald_bound
 
 
 def test_a_certain_example_needs_log_one_over_alpha_over_log_one_over_p_r():

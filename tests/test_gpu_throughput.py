@@ -9,13 +9,11 @@ docs/benchmarks.md, and a JSON that survives a stage that never ends.
 
 from __future__ import annotations
 
-import csv
 import json
 from contextlib import contextmanager
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from bench import gpu_throughput
 from bench.gpu_throughput import (
@@ -27,6 +25,7 @@ from bench.gpu_throughput import (
     main,
     peak_for_name,
 )
+from tests.cli_helpers import invoke, rows, sidecar
 
 pytest.importorskip("diffusers")
 pytest.importorskip("open_clip")
@@ -215,14 +214,6 @@ def registered_tiny_models(files):
         del CLASSIFIERS._entries["bench-tiny-clip"], DATASETS._entries["bench-random"]
 
 
-def _cli_rows(stem):
-    with open(stem.with_name(stem.name + ".tsv")) as handle:
-        rows = [{k: v for k, v in r.items() if k != "time"}
-                for r in csv.DictReader(handle, delimiter="\t")]
-    passes = json.loads(stem.with_name(stem.name + ".json").read_text())["forward_passes_by_row"]
-    return rows, [passes[r["idx"]] for r in rows]
-
-
 @pytest.mark.parametrize("dtype", ["bf16", pytest.param("fp32", marks=pytest.mark.slow)])
 def test_tiny_run_measures_the_certify_command(tmp_path, dtype):
     from cli.main import certify_command
@@ -248,15 +239,15 @@ def test_tiny_run_measures_the_certify_command(tmp_path, dtype):
         for kind, extra in runs.items():
             stem = tmp_path / "cli" / kind
             count = len(measured[kind])
-            result = CliRunner().invoke(
-                certify_command, [*common, *extra, "--max", str(count), "--out", str(stem)])
+            result = invoke(certify_command, *common, *extra, "--max", count, "--out", stem)
             assert result.exit_code == 0, result.output
-            rows, passes = _cli_rows(stem)
+            table = rows(stem, without_time=True)
+            passes = [sidecar(stem)["forward_passes_by_row"][r["idx"]] for r in table]
             bench_rows = [{k: v for k, v in image["row"].items() if k != "time"}
                           for image in measured[kind]]
-            assert bench_rows == rows, kind
+            assert bench_rows == table, kind
             assert [image["draws"] for image in measured[kind]] == passes
-    assert {r["predict"] for r in rows} <= {str(i) for i in range(len(TINY_CLASSES))} | {"-1"}
+    assert {r["predict"] for r in table} <= {str(i) for i in range(len(TINY_CLASSES))} | {"-1"}
 
     # images per hour, GPU-hours and fractions of peak from the measured seconds
     summary = stages["certify"]["summary"]
