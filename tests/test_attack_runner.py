@@ -30,14 +30,9 @@ from smoothing.attacks import (
 )
 from smoothing.core import Smooth
 from smoothing.runner import ResultFile, example_generator, example_seed
+from tests.tiny_models import one_thread
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def mlp(seed: int, classes: int = 4) -> nn.Module:
@@ -247,12 +242,13 @@ class RandomDefense(nn.Module):
         self.model = mlp(2)
         self.generator: torch.Generator | None = None
         self.first_draws: list[float] = []
-        self._seen: set[int] = set()
+        # the generators themselves, not their ids: a freed generator's id can be reused
+        self._seen: list[torch.Generator] = []
 
     def forward(self, x):
         draw = torch.rand(1, generator=self.generator)
-        if id(self.generator) not in self._seen:  # the first draw of each generator given
-            self._seen.add(id(self.generator))
+        if not any(g is self.generator for g in self._seen):  # the first draw of each one
+            self._seen.append(self.generator)
             self.first_draws.append(draw.item())
         return self.model(x + 0.01 * draw)
 

@@ -23,6 +23,7 @@ from torch import nn
 import cli.autoattack as adapter
 from cli.autoattack import autoattack, autoattack_settings, require_autoattack
 from cli.errors import CommandError
+from tests.tiny_models import one_thread
 
 SHAPE = (1, 8, 8)
 DIMS = 64
@@ -33,12 +34,7 @@ needs_library = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -20,17 +20,13 @@ from classifiers.cohen import CifarResNet
 from cli.main import certify_command
 from tests.cli_helpers import invoke, rows, sidecar
 from tests.test_cli import registered_dataset
+from tests.tiny_models import one_thread
 
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 class TheirNormalizeLayer(torch.nn.Module):

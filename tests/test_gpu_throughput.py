@@ -26,6 +26,7 @@ from bench.gpu_throughput import (
     peak_for_name,
 )
 from tests.cli_helpers import invoke, rows, sidecar
+from tests.tiny_models import one_thread
 
 pytest.importorskip("diffusers")
 pytest.importorskip("open_clip")
@@ -34,12 +35,7 @@ GRID = "0,0.25,0.5,0.75,1.0"
 HOURS = f"gpu_hours_for_{TABLE_IMAGES}_images"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def test_flops_of_if2_l_with_clip_b32_at_224_match_the_documented_estimate():

@@ -38,7 +38,7 @@ from denoisers.guided_diffusion import (
     convert_state_dict,
 )
 from tests.cli_helpers import invoke
-from tests.tiny_models import go_offline
+from tests.tiny_models import go_offline, one_thread
 
 with warnings.catch_warnings():
     # The package decorates its checkpointing with torch.cuda.amp.custom_fwd (deprecated).
@@ -66,12 +66,7 @@ TINY_OPTIONS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def original_model(flags: dict, seed: int = 0) -> torch.nn.Module:

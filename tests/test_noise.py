@@ -21,17 +21,13 @@ from smoothing.attacks import draw_noise
 from smoothing.core import Smooth
 from smoothing.noise import NOISE_SAMPLER, gaussian_noise
 from smoothing.runner import ResultFileError
+from tests.tiny_models import one_thread
 
 # The float32 CPU sampler's cap: its smallest uniform 1 - u is 2^-24.
 FLOAT32_CPU_LARGEST_Z = math.sqrt(-2.0 * math.log(2.0**-24))  # 5.768
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -39,9 +39,7 @@ CLASSES = ["dog", "cat", "car"]
 ALPHA_30 = math.atan(30.0)  # the rotation of one step of the paper's size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,12 @@ import torch
 from cli.main import certify_command
 from tests.cli_helpers import invoke, sidecar
 from tests.test_cli import registered_dataset
+from tests.tiny_models import one_thread
 
 FAST = ["--n0", "2", "--n", "4", "--batch", "4", "--max", "1", "--quiet", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 class TinyImages(torch.utils.data.Dataset):
