@@ -285,8 +285,9 @@ _SCALE_OPTIONS = [
     ("--futility", dict(type=click.FloatRange(0, 1, min_open=True, max_open=True),
                         default=sequential.FUTILITY,
                         help="With --sequential: give a radius up when the upper confidence "
-                             "bound at this level falls below its threshold (costs power, "
-                             "never validity).")),
+                             "bound at this level falls below its threshold, or when even at "
+                             "that bound the remaining draws reach a claim with less than this "
+                             "probability (costs power, never validity).")),
     ("--early-exit", dict(is_flag=True,
                           help="Skip the n estimation draws of an example whose selection "
                                "draws guess a class other than its label: it is not certified "
@@ -339,6 +340,8 @@ def _certify_settings(options: dict[str, Any]) -> dict[str, Any]:
         settings["sequential"] = {
             "radii": list(options["radii"]), "looks": list(plan.looks),
             "alphas": list(plan.alphas), "futility": plan.futility,
+            # files made under the first rule (the upper bound alone) are refused on resume
+            "futility_rule": sequential.FUTILITY_RULE,
         }
     return settings
 

@@ -12,9 +12,11 @@ of the grid is decided. This is a group-sequential design:
   alpha_1 + ... + alpha_L = alpha (half of alpha at the last look, the other half spread
   evenly over the earlier ones), so a union bound over the looks keeps the chance of any
   false claim at or below alpha;
-- radius r is *futile* (given up, never claimed) when the Clopper-Pearson upper bound at
-  level `futility` falls below p_r: giving up never makes a false claim, it only costs
-  power, so `futility` trades samples against certified accuracy, not validity.
+- radius r is *futile* (given up, never claimed) when the Clopper-Pearson upper bound u at
+  level `futility` falls below p_r, or when, even with p_A = u, the chance that the
+  remaining draws reach the last look's claim boundary is below `futility`: giving up
+  never makes a false claim, it only costs power, so `futility` trades samples against
+  certified accuracy, not validity.
 
 One alpha covers all radii at once: claims are monotone in the count (a claim at r is a
 claim at every smaller r) and futility at r gives up every larger r, so a false claim
@@ -28,6 +30,7 @@ re-testing at the full alpha after every stage over-claims.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +47,8 @@ from smoothing import stats
 LOOKS = 20
 GROWTH = math.sqrt(2)
 FUTILITY = 0.05
+# What `decide` gives up on, as recorded in a run's settings (docs/scale.md).
+FUTILITY_RULE = "upper bound below p_r, or the last look's claim out of reach at it"
 
 
 @dataclass(frozen=True)
@@ -144,23 +149,35 @@ def decide(
             decision.certified = index
     if look == len(plan.looks) - 1:
         return True
-    # Given up: when the upper bound falls below p_r (costs power only, at level
-    # `futility`), or when not even all remaining draws for c_A could reach a claim at
-    # the last look (costs nothing: the standard test could not claim r either).
+    # Given up (costs power only, never validity): when the upper bound u at level
+    # `futility` falls below p_r, or when, even with p_A = u, the remaining draws would
+    # bring the count to the last look's claim boundary with probability below `futility`
+    # (stochastic curtailment: p_A just above p_r, too close for n draws to show it; the
+    # standard test would not claim r either). A count beyond reach is probability 0.
     upper = _upper_confidence_bound(n_a, n, plan.futility)
-    best_final = stats.lower_confidence_bound(
-        n_a + plan.looks[-1] - n, plan.looks[-1], plan.alphas[-1]
-    )
+    remaining = plan.looks[-1] - n
     for index in decision.open_radii(len(p_thresholds)):
         threshold = p_thresholds[index]
-        if upper < threshold or not _claimed(best_final, threshold):
+        needed = claim_boundary(plan.looks[-1], plan.alphas[-1], float(threshold)) - n_a
+        if upper < threshold or _reach_probability(needed, remaining, upper) < plan.futility:
             decision.futile_from = index
             break
     return not decision.open_radii(len(p_thresholds))
 
 
+def _reach_probability(needed: int, remaining: int, p: float) -> float:
+    """P(at least `needed` of `remaining` draws vote for the guess) when each does with p."""
+    if needed <= 0:
+        return 1.0
+    if needed > remaining:
+        return 0.0
+    return float(binom.sf(needed - 1, remaining, p))
+
+
+@functools.lru_cache(maxsize=256)
 def claim_boundary(n: int, look_alpha: float, threshold: float) -> int:
-    """The smallest count k of n with a claim at `threshold` (n + 1: none), for the DP."""
+    """The smallest count k of n with a claim at `threshold` (n + 1: none): the DP's
+    boundary, and the futility rule's target at the last look (cached: one per radius)."""
     counts = np.arange(n + 1)
     with np.errstate(invalid="ignore"):
         lower = np.where(

@@ -16,7 +16,7 @@ from cli.main import certify_command, predict_command
 from smoothing import analysis
 from smoothing.core import Smooth
 from smoothing.runner import example_generator
-from smoothing.sequential import certify_at_radii, design
+from smoothing.sequential import FUTILITY_RULE, certify_at_radii, design
 from tests.cli_helpers import invoke, rows, sidecar
 
 N0, N = 20, 200
@@ -137,6 +137,20 @@ def test_a_resume_with_other_scale_settings_is_refused(tmp_path):
         == before
 
 
+def test_a_sequential_file_of_the_first_futility_rule_is_refused_on_resume(tmp_path):
+    out = tmp_path / "seq"
+    args = [*FAST, "--sequential", "--radii", "0,0.25", "--looks", "5", "--out", str(out)]
+    assert invoke(certify_command, *args, "--max", "2").exit_code == 0
+    record = sidecar(out)
+    del record["settings"]["sequential"]["futility_rule"]  # as the first version wrote it
+    out.with_name("seq.json").write_text(json.dumps(record))
+    before = out.with_name("seq.tsv").read_text()
+    result = invoke(certify_command, *args, "--max", "3", catch_exceptions=True)
+    assert result.exit_code == 2, result.output
+    assert "other settings" in result.output
+    assert out.with_name("seq.tsv").read_text() == before
+
+
 # ---------------------------------------------------------------------------- sequential
 
 
@@ -150,7 +164,7 @@ def test_sequential_rows_radius_is_the_largest_certified_radius_of_the_grid(tmp_
     record = sidecar(out)
     assert record["settings"]["sequential"] == {
         "radii": [0.0, 0.25, 0.5], "looks": list(plan.looks), "alphas": list(plan.alphas),
-        "futility": 0.05,
+        "futility": 0.05, "futility_rule": FUTILITY_RULE,
     }
     # the same certificates through the library, each example's generator as the runner's
     dataset = build_dataset("digits", split="test")

@@ -11,12 +11,15 @@ from torch import nn
 from smoothing import stats
 from smoothing.core import Smooth
 from smoothing.sequential import (
+    Decision,
     Design,
     certify_at_radii,
     check_radii,
     claim_boundary,
+    decide,
     design,
     overclaim_probability,
+    thresholds,
 )
 
 
@@ -141,3 +144,27 @@ def test_fewer_samples_when_p_a_is_far_from_every_threshold():
     for p in (0.76, 0.9999):
         samples = [r.samples for r in run_trials(p, 5, sigma, (0.25, 0.5), n, 0.001)]
         assert max(samples) < 0.2 * (20 + n)
+
+
+@pytest.mark.parametrize("share, given_up", [(0.843, True), (0.852, False)])
+def test_a_radius_out_of_reach_of_the_last_look_is_given_up_above_its_threshold(
+    share, given_up
+):
+    # r = 0.5 at sigma 0.5: p_r = 0.8413. After 5,000 of 10,000 draws at p-hat = 0.843 the
+    # upper bound at 0.05 (0.851) is above p_r, but the last look's claim needs about
+    # 0.8533 of all 10,000 draws, 0.864 of the remaining 5,000: at p_A = 0.851 that is
+    # 2.4 standard deviations away (probability 0.007 < 0.05), so r = 0.5 is given up;
+    # at p-hat = 0.852 (upper bound 0.860, 0.855 needed) it is within reach (0.87).
+    plan = design(10_000, 0.001)
+    look = plan.looks.index(5000)
+    grid = thresholds((0.0, 0.25, 0.5), 0.5)
+    decision = Decision(certified=1)  # r = 0 and 0.25 certified already
+    n_a = round(share * 5000)
+    upper = 1 - stats.lower_confidence_bound(5000 - n_a, 5000, 0.05)  # by symmetry
+    assert upper > grid[2]  # the upper-bound rule alone would go on
+    needed = claim_boundary(10_000, plan.alphas[-1], float(grid[2])) - n_a
+    reach = binom.sf(needed - 1, 5000, upper)
+    assert reach == pytest.approx(0.0068 if given_up else 0.869, abs=0.001)
+    done = decide(decision, n_a, 5000, plan, look, grid)
+    assert done == given_up
+    assert decision.futile_from == (2 if given_up else None)
