@@ -26,6 +26,35 @@ from smoothing.core import Smooth
 THRESHOLDS = sequential.thresholds(GRID, SIGMA)
 CASES = [(0.05, "first"), (0.05, "current"), (0.02, "current"), (0.01, "first"),
          (0.01, "current")]
+# Other looks and alpha splits, at the default futility (--variations): name, first look
+# (at least), growth, share of alpha at the last look, weights of the earlier looks' alpha.
+VARIATIONS = [
+    ("default: from 14 draws, growth sqrt(2), half at the last", 1, 2**0.5, 0.5, "even"),
+    ("from 111 draws", 100, 2**0.5, 0.5, "even"),
+    ("from 53 draws, growth 1.3", 50, 1.3, 0.5, "even"),
+    ("from 226 draws, growth 1.25", 200, 1.25, 0.5, "even"),
+    ("a third of alpha at the last look", 100, 2**0.5, 1 / 3, "even"),
+    ("early alpha by sqrt(look)", 100, 2**0.5, 0.5, "sqrt"),
+]
+
+
+def variation(first: int, growth: float, last_share: float, weights: str,
+              futility: float = sequential.FUTILITY) -> sequential.Design:
+    """Looks n, n / growth, ... down to `first`; `last_share` of alpha at the last look and
+    the rest over the earlier ones, evenly or by the square root of their size. The default
+    design is (1, sqrt(2), 0.5, even) up to its 20 looks."""
+    if first == 1:
+        return sequential.design(N, ALPHA, futility=futility)
+    sizes, size = [], float(N)
+    while size >= first:
+        sizes.append(int(np.ceil(size)))
+        size /= growth
+    sizes = sorted(set(sizes))
+    early = np.ones(len(sizes) - 1) if weights == "even" else np.sqrt(sizes[:-1])
+    alphas = [*(ALPHA * (1 - last_share) * early / early.sum()), ALPHA * last_share]
+    while sum(alphas) > ALPHA:
+        alphas[-1] = np.nextafter(alphas[-1], 0.0)
+    return sequential.Design(tuple(sizes), tuple(float(a) for a in alphas), futility)
 
 
 @contextlib.contextmanager
@@ -43,11 +72,10 @@ def first_rule() -> Iterator[None]:
         sequential._reach_probability = current
 
 
-def simulate(p_as: np.ndarray, futility: float, repetitions: int,
+def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
              rng: np.random.Generator) -> dict:
     """Estimation draws (selection included) over CERTIFY's, and certified accuracy (%) at
     the grid of the sequential rule and of CERTIFY at n, the guess taken as right."""
-    plan = sequential.design(N, ALPHA, futility=futility)
     drawn_total, sequential_hits, standard_hits = 0, np.zeros(len(GRID)), np.zeros(len(GRID))
     full_n_examples = full_n_draws = 0
     for _ in range(repetitions):
@@ -97,23 +125,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repetitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variations", action="store_true",
+                        help="compare looks and alpha splits instead of futility rules")
     args = parser.parse_args()
     torch.set_num_threads(1)
     populations = {"cohen": cohen_p_as(), "digits": digits_p_as()}
     rng = np.random.default_rng(args.seed)
     print(f"{args.repetitions} repetitions; accuracy: sequential minus standard, points, "
           f"at r = {', '.join(map(str, GRID))}")
-    for futility, rule in CASES:
+    cases = ([(name, variation(*shape), "current") for name, *shape in VARIATIONS]
+             if args.variations else
+             [(f"futility {f} {rule}", sequential.design(N, ALPHA, futility=f), rule)
+              for f, rule in CASES])
+    for name, plan, rule in cases:
         cells = []
         with first_rule() if rule == "first" else contextlib.nullcontext():
-            for name, p_as in populations.items():
-                result = simulate(p_as, futility, args.repetitions, rng)
+            for population, p_as in populations.items():
+                result = simulate(p_as, plan, args.repetitions, rng)
                 gap = np.subtract(result["sequential"], result["standard"])
-                cells.append(f"{name} {result['draws']:.3f} [{' '.join(f'{g:+.1f}' for g in gap)}]"
-                             f" all n: {result['full_n_examples']:.2f} of examples, "
+                cells.append(f"{population} {result['draws']:.3f} "
+                             f"[{' '.join(f'{g:+.1f}' for g in gap)}] all n: "
+                             f"{result['full_n_examples']:.2f} of examples, "
                              f"{result['full_n_draws']:.2f} of draws")
-        print(f"futility {futility} {rule:<7} " + "  ".join(cells), flush=True)
-
+        print(f"{name} ({len(plan.looks)} looks from {plan.looks[0]}): " + "  ".join(cells),
+              flush=True)
 
 if __name__ == "__main__":
     main()
