@@ -177,15 +177,18 @@ def _reach_probability(needed: int, remaining: int, p: float) -> float:
 @functools.lru_cache(maxsize=256)
 def claim_boundary(n: int, look_alpha: float, threshold: float) -> int:
     """The smallest count k of n with a claim at `threshold` (n + 1: none): the DP's
-    boundary, and the futility rule's target at the last look (cached: one per radius)."""
-    counts = np.arange(n + 1)
-    with np.errstate(invalid="ignore"):
-        lower = np.where(
-            counts == 0, 0.0, beta_distribution.ppf(look_alpha, np.maximum(counts, 1),
-                                                    n - counts + 1)
-        )
-    claimed = (lower > 0.5) & (lower >= threshold)
-    return int(np.argmax(claimed)) if claimed.any() else n + 1
+    boundary, and the futility rule's target at the last look (cached: one per radius).
+
+    Found by bisection on the very test `decide` runs (the lower bound grows with k), so
+    it costs log2(n) bounds and no memory in n."""
+    low, high = 0, n + 1
+    while low < high:
+        middle = (low + high) // 2
+        if _claimed(stats.lower_confidence_bound(middle, n, look_alpha), threshold):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def overclaim_probability(design: Design, threshold: float, p: float | None = None) -> float:
