@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner, Result
 
 
@@ -38,3 +41,21 @@ def rows(stem: Path, *, without_time: bool = False) -> list[dict[str, str]]:
 def sidecar(stem: Path) -> dict:
     """The JSON record `STEM.json` written next to the result file."""
     return json.loads(stem.with_name(stem.name + ".json").read_text())
+
+
+@contextlib.contextmanager
+def certify_interrupted_at(monkeypatch: pytest.MonkeyPatch, call: int) -> Iterator[None]:
+    """`Smooth.certify` raises KeyboardInterrupt (a Ctrl-C) at its `call`-th call, inside."""
+    from smoothing.core import Smooth
+
+    original, calls = Smooth.certify, {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Smooth, "certify", interrupted)
+        yield

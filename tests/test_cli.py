@@ -10,7 +10,7 @@ import torch
 from classifiers import DATASETS
 from classifiers.registry import Entry
 from cli.main import certify_command, predict_command
-from tests.cli_helpers import invoke, rows, sidecar
+from tests.cli_helpers import certify_interrupted_at, invoke, rows, sidecar
 
 FAST = ["--n0", "20", "--n", "200", "--batch", "100", "--max", "4", "--quiet"]
 
@@ -49,23 +49,11 @@ def test_certify_rerun_resumes_and_extends(tmp_path):
 
 
 def test_ctrl_c_keeps_the_finished_rows_and_the_same_command_resumes(tmp_path, monkeypatch):
-    from smoothing.core import Smooth
-
     out = str(tmp_path / "run")
     uninterrupted = tmp_path / "whole"
     invoke(certify_command, *FAST, "--out", str(uninterrupted))
 
-    original = Smooth.certify
-    calls = {"n": 0}
-
-    def interrupted_on_the_third_example(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Smooth, "certify", interrupted_on_the_third_example)
+    with certify_interrupted_at(monkeypatch, 3):  # the third example
         result = invoke(certify_command, *FAST, "--out", out, catch_exceptions=True)
     assert result.exit_code == 130
     assert "interrupted: 2 rows are kept" in result.output

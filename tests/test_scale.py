@@ -17,7 +17,7 @@ from smoothing import analysis
 from smoothing.core import Smooth
 from smoothing.runner import example_generator
 from smoothing.sequential import FUTILITY_RULE, certify_at_radii, design
-from tests.cli_helpers import invoke, rows, sidecar
+from tests.cli_helpers import certify_interrupted_at, invoke, rows, sidecar
 
 N0, N = 20, 200
 FAST = ["--n0", str(N0), "--n", str(N), "--batch", "100", "--quiet", "--threads", "1"]
@@ -59,17 +59,7 @@ def test_certify_and_predict_count_their_forward_passes(tmp_path):
 
 def test_forward_passes_add_up_over_resumes_and_interruptions(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    original = Smooth.certify
-    calls = {"n": 0}
-
-    def interrupted_on_the_third_example(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Smooth, "certify", interrupted_on_the_third_example)
+    with certify_interrupted_at(monkeypatch, 3):  # the third example
         result = invoke(certify_command, *FAST, "--max", "5", "--out", str(out),
                         catch_exceptions=True)
     assert result.exit_code == 130
