@@ -452,16 +452,14 @@ class RandomImages:
 
 
 def run_settings(profile: Profile, device: str, sequential_radii: Sequence[float] | None):
-    """The RunSettings `certify` builds from its defaults (and --sequential --radii)."""
-    from smoothing import sequential
-    from smoothing.runner import RunSettings
+    """The RunSettings `certify` builds from these options and its defaults."""
+    from cli.main import run_settings as command_run_settings
 
-    return RunSettings(
-        mode="certify", n=profile.n, n0=profile.n0, alpha=0.001, batch_size=profile.batch,
-        seed=0, device=device, radii=None if sequential_radii is None else tuple(sequential_radii),
-        looks=sequential.LOOKS, futility=sequential.FUTILITY,
-        pack=torch.device(device).type == "cuda",  # the command's default
-    )
+    options = {"n": profile.n, "n0": profile.n0, "alpha": 0.001, "batch": profile.batch,
+               "seed": 0, "sequential": sequential_radii is not None,
+               "radii": None if sequential_radii is None else tuple(sequential_radii),
+               "pack": None}
+    return command_run_settings("certify", options, device)
 
 
 def certify_one(context: Context, results: Any, settings: Any, dataset: RandomImages,

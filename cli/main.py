@@ -215,6 +215,21 @@ class RunSetup:
     environment: dict[str, Any]
 
 
+def run_settings(mode: str, options: dict[str, Any], device: str) -> RunSettings:
+    """The engine's settings for these command options: the one place their defaults are
+    applied (packing on by default on CUDA only; bench.gpu_throughput runs through it)."""
+    return RunSettings(
+        mode=mode, n=options["n"], n0=options.get("n0") or 0, alpha=options["alpha"],
+        batch_size=options["batch"], seed=options["seed"], device=device,
+        early_exit=options.get("early_exit", False),
+        radii=options["radii"] if options.get("sequential") else None,
+        looks=options.get("looks", sequential.LOOKS),
+        futility=options.get("futility", sequential.FUTILITY),
+        pack=options["pack"] if options.get("pack") is not None
+        else torch.device(device).type == "cuda",
+    )
+
+
 def _execute(mode: str, options: dict[str, Any]) -> None:
     """Build data, model and smoothed classifier from the options, then run."""
     # Under torchrun: this rank's device, share of the examples and shard file.
@@ -226,16 +241,7 @@ def _execute(mode: str, options: dict[str, Any]) -> None:
         setup.stem, mode, setup.row_settings, overwrite=options["overwrite"],
         packages=RECORDED_PACKAGES, environment=setup.environment,
     )
-    settings = RunSettings(
-        mode=mode, n=options["n"], n0=options.get("n0") or 0, alpha=options["alpha"],
-        batch_size=options["batch"], seed=options["seed"], device=setup.device,
-        early_exit=options.get("early_exit", False),
-        radii=options["radii"] if options.get("sequential") else None,
-        looks=options.get("looks", sequential.LOOKS),
-        futility=options.get("futility", sequential.FUTILITY),
-        pack=options["pack"] if options.get("pack") is not None
-        else torch.device(setup.device).type == "cuda",
-    )
+    settings = run_settings(mode, options, setup.device)
     # outside the settings: packing changes no example's draws, so a resume may change it
     setup.extra_record["examples_per_pass"] = settings.examples_per_pass()
     reported = distributed.run(group, lambda: guarded_run(results, lambda: run(
