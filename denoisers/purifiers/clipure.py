@@ -86,6 +86,11 @@ PRIOR_SCHEDULER_CONFIGS = (
 )
 
 
+# The paper's loop (App. C.3; `iter`/`step_size` of CLIPure_Cos.py) and our reading of
+# Alg. 1's normalization, shared by every builder below.
+STEPS, STEP_SIZE, NORMALIZATION = 10, 30.0, "sample"
+
+
 class PriorMismatchError(ValueError):
     """A prior trained on the embeddings of another CLIP than the classifier's."""
 
@@ -329,9 +334,9 @@ def build_cos(
     *,
     classifier: nn.Module,
     gradient: str = "exact",
-    steps: int = 10,
-    step_size: float = 30.0,
-    normalization: str = "sample",
+    steps: int = STEPS,
+    step_size: float = STEP_SIZE,
+    normalization: str = NORMALIZATION,
     blank_templates: Sequence[str] | None = None,
     device: str | torch.device | None = None,
 ) -> CLIPurePurifiedClassifier:
@@ -424,9 +429,9 @@ def build_diff(
     classifier: nn.Module,
     gradient: str = "exact",
     checkpoint: str | Path = DEFAULT_PRIOR,
-    steps: int = 10,
-    step_size: float = 30.0,
-    normalization: str = "sample",
+    steps: int = STEPS,
+    step_size: float = STEP_SIZE,
+    normalization: str = NORMALIZATION,
     timesteps: tuple[int, int] = (900, 999),
     blank_templates: Sequence[str] | None = None,
     prior_clip_arch: str | None = None,
@@ -513,9 +518,9 @@ def build_feature_cos(
     *,
     classifier: nn.Module,
     gradient: str = "exact",
-    steps: int = 10,
-    step_size: float = 30.0,
-    normalization: str = "sample",
+    steps: int = STEPS,
+    step_size: float = STEP_SIZE,
+    normalization: str = NORMALIZATION,
     direction: torch.Tensor | None = None,
     device: str | torch.device | None = None,
 ) -> FeatureCLIPureClassifier:
