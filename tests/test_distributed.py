@@ -208,6 +208,31 @@ def test_two_ranks_give_the_rows_of_one_process_and_resume(tmp_path, command, ex
 
 
 @pytest.mark.slow
+def test_two_nodes_meeting_at_a_c10d_rendezvous_give_the_rows_of_one_process(tmp_path):
+    # Two torchrun agents, one process each, as on two nodes of a cluster (both here, so
+    # the file system is shared, as --out must be): each process gets its global RANK from
+    # the rendezvous and LOCAL_RANK 0 on its node.
+    _assert_ok(one_process("certify", *SMALL, "--n0", "10", "--out", "single", cwd=tmp_path))
+    port = _free_port()
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+         "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+         f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--",
+         str(BIN / "certify"), *SMALL, "--n0", "10", "--out", "runs/many"],
+        cwd=tmp_path, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for _ in range(2)]
+    for agent in agents:
+        _, stderr = agent.communicate(timeout=300)
+        assert agent.returncode == 0, stderr[-3000:]
+    many = tmp_path / "runs" / "many"
+    assert rows(many, without_time=True) == rows(tmp_path / "single", without_time=True)
+    shards = [sidecar(tmp_path / "runs" / f"many.rank{r}-of-2")["distributed"] for r in (0, 1)]
+    assert [(s["rank"], s["local_rank"], s["world_size"]) for s in shards] == [(0, 0, 2),
+                                                                            (1, 0, 2)]
+    assert sidecar(many)["world_size"] == 2
+
+
+@pytest.mark.slow
 def test_a_rank_killed_mid_run_resumes_its_shard_and_the_merge_is_redone(tmp_path):
     _assert_ok(one_process("certify", *SMALL, "--out", "single", cwd=tmp_path))
     _assert_ok(torchrun("certify", *SMALL, "--out", "many", cwd=tmp_path))
