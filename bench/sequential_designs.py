@@ -1,13 +1,14 @@
 """The futility rules and levels of `certify --sequential`, compared by simulation.
 
 `python -m bench.sequential_designs` feeds binomial counts of known p_A to the engine's own
-decision rule (`smoothing.sequential.decide`) at each look, against CERTIFY at n on fresh
-counts, for the two populations of `bench.sequential` (p_A fitted to Cohen et al.'s
-ImageNet sigma 0.5 results; the digits CNN's p_A as estimated by a standard run). Counts
-instead of a classifier make repetitions cheap, so accuracy differences are not one
-run's noise. "first" is the rule before stochastic curtailment: a radius is given up only
-when its upper bound falls below p_r or its claim is out of reach of every remaining
-draw (docs/scale.md).
+decision rule (`smoothing.sequential.decide`) at each look, against CERTIFY at n on the same
+draws (the path continued to n, as `bench.sequential` pairs its two runs), for the two
+populations of `bench.sequential` (p_A fitted to Cohen et al.'s ImageNet sigma 0.5
+results; the digits CNN's p_A as estimated by a standard run). Counts instead of a
+classifier make repetitions cheap, so accuracy differences are not one run's noise.
+"first" is the rule before stochastic curtailment: a radius is given up only when its
+upper bound falls below p_r or its claim is out of reach of every remaining draw; the
+cases also vary the level and how many draws futility waits for (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from smoothing import sequential, stats
 from smoothing.core import Smooth
 
 THRESHOLDS = sequential.thresholds(GRID, SIGMA)
-CASES = [(0.05, "first"), (0.05, "current"), (0.02, "current"), (0.01, "first"),
-         (0.01, "current")]
+# futility level, draws before futility applies, rule: the first version, the second
+# (stochastic curtailment, futility at every look), and the default (futility from 400)
+CASES = [(0.05, 0, "first"), (0.05, 0, "current"), (0.02, 0, "current"),
+         (0.05, 400, "current"), (0.1, 400, "current"), (0.2, 400, "current")]
 # Other looks and alpha splits, at the default futility (--variations): name, first look
 # (at least), growth, share of alpha at the last look, weights of the earlier looks' alpha.
 VARIATIONS = [
@@ -90,7 +93,9 @@ def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
             if drawn == N:
                 full_n_examples, full_n_draws = full_n_examples + 1, full_n_draws + N0 + N
             sequential_hits[: decision.certified + 1] += 1
-            lower = stats.lower_confidence_bound(int(rng.binomial(N, p)), N, ALPHA)
+            # CERTIFY's count at n on the same draws: the path continued to n
+            count = n_a + int(rng.binomial(N - drawn, p))
+            lower = stats.lower_confidence_bound(count, N, ALPHA)
             standard_hits += [sequential._claimed(lower, t) for t in THRESHOLDS]
     examples = repetitions * len(p_as)
     return {"draws": drawn_total / examples / (N0 + N),
@@ -123,7 +128,7 @@ def digits_p_as() -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repetitions", type=int, default=4)
+    parser.add_argument("--repetitions", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variations", action="store_true",
                         help="compare looks and alpha splits instead of futility rules")
@@ -135,8 +140,9 @@ def main() -> None:
           f"at r = {', '.join(map(str, GRID))}")
     cases = ([(name, variation(*shape), "current") for name, *shape in VARIATIONS]
              if args.variations else
-             [(f"futility {f} {rule}", sequential.design(N, ALPHA, futility=f), rule)
-              for f, rule in CASES])
+             [(f"futility {f} from {start} draws, {rule} rule",
+               sequential.design(N, ALPHA, futility=f, futility_from=start), rule)
+              for f, start, rule in CASES])
     for name, plan, rule in cases:
         cells = []
         with first_rule() if rule == "first" else contextlib.nullcontext():

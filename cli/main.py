@@ -290,10 +290,12 @@ _SCALE_OPTIONS = [
                           "up to --n.")),
     ("--futility", dict(type=click.FloatRange(0, 1, min_open=True, max_open=True),
                         default=sequential.FUTILITY,
-                        help="With --sequential: give a radius up when the upper confidence "
-                             "bound at this level falls below its threshold, or when even at "
-                             "that bound the remaining draws reach a claim with less than this "
-                             "probability (costs power, never validity).")),
+                        help=f"With --sequential: from {sequential.FUTILITY_FROM} draws on, "
+                             "give a radius up when "
+                             "the upper confidence bound at this level falls below its "
+                             "threshold, or when even at that bound the remaining draws reach "
+                             "a claim with less than this probability (costs power, never "
+                             "validity).")),
     ("--early-exit", dict(is_flag=True,
                           help="Skip the n estimation draws of an example whose selection "
                                "draws guess a class other than its label: it is not certified "
@@ -346,7 +348,8 @@ def _certify_settings(options: dict[str, Any]) -> dict[str, Any]:
         settings["sequential"] = {
             "radii": list(options["radii"]), "looks": list(plan.looks),
             "alphas": list(plan.alphas), "futility": plan.futility,
-            # files made under the first rule (the upper bound alone) are refused on resume
+            "futility_from": plan.futility_from,
+            # files made under an earlier rule are refused on resume
             "futility_rule": sequential.FUTILITY_RULE,
         }
     return settings

@@ -12,11 +12,12 @@ of the grid is decided. This is a group-sequential design:
   alpha_1 + ... + alpha_L = alpha (half of alpha at the last look, the other half spread
   evenly over the earlier ones), so a union bound over the looks keeps the chance of any
   false claim at or below alpha;
-- radius r is *futile* (given up, never claimed) when the Clopper-Pearson upper bound u at
-  level `futility` falls below p_r, or when, even with p_A = u, the chance that the
-  remaining draws reach the last look's claim boundary is below `futility`: giving up
-  never makes a false claim, it only costs power, so `futility` trades samples against
-  certified accuracy, not validity.
+- radius r is *futile* (given up, never claimed) when no remaining draw could bring the
+  count to the last look's claim boundary, or, from `futility_from` estimation draws on,
+  when the Clopper-Pearson upper bound u at level `futility` falls below p_r or, even with
+  p_A = u, the chance that the remaining draws reach that boundary is below `futility`:
+  giving up never makes a false claim, it only costs power, so `futility` trades samples
+  against certified accuracy, not validity.
 
 One alpha covers all radii at once: claims are monotone in the count (a claim at r is a
 claim at every smaller r) and futility at r gives up every larger r, so a false claim
@@ -41,23 +42,29 @@ from scipy.stats import binom, norm
 
 from smoothing import stats
 
-# Chosen on a population of p_A fitted to Cohen et al.'s ImageNet sigma = 0.5 results
-# (bench/sequential.py, docs/scale.md): 12 doubling looks with futility 0.01 drew 0.24 of
-# CERTIFY's samples, these 0.19, certified accuracy at the grid within 0.5 points.
+# Chosen by simulation on two populations of p_A, one fitted to Cohen et al.'s ImageNet
+# sigma = 0.5 results, one the digits CNN's (bench/sequential_designs.py, docs/scale.md).
+# Futility tested on a few dozen draws, at look after look, gave up radii whose p_A was
+# well above p_r: most of the accuracy lost to futility was lost before 400 draws, so
+# futility waits for them (and, made that safe, may stop at a higher level).
 LOOKS = 20
 GROWTH = math.sqrt(2)
-FUTILITY = 0.05
+FUTILITY = 0.1
+FUTILITY_FROM = 400
 # What `decide` gives up on, as recorded in a run's settings (docs/scale.md).
-FUTILITY_RULE = "upper bound below p_r, or the last look's claim out of reach at it"
+FUTILITY_RULE = ("claim out of reach of every remaining draw; from futility_from draws on, "
+                 "upper bound below p_r, or the last look's claim out of reach at it")
 
 
 @dataclass(frozen=True)
 class Design:
-    """The looks (cumulative estimation draws), each look's alpha, the futility level."""
+    """The looks (cumulative estimation draws), each look's alpha, the futility level and
+    the draws before which only a claim out of reach of every remaining draw is given up."""
 
     looks: tuple[int, ...]
     alphas: tuple[float, ...]
     futility: float = FUTILITY
+    futility_from: int = FUTILITY_FROM
 
     def __post_init__(self) -> None:
         if not self.looks or list(self.looks) != sorted(set(self.looks)) or self.looks[0] < 1:
@@ -66,6 +73,8 @@ class Design:
             raise ValueError("need one alpha in (0, 1) per look")
         if not 0 < self.futility < 1:
             raise ValueError(f"futility must lie in (0, 1), got {self.futility}")
+        if self.futility_from < 0:
+            raise ValueError(f"futility_from must be >= 0, got {self.futility_from}")
 
     @property
     def alpha(self) -> float:
@@ -74,7 +83,7 @@ class Design:
 
 def design(
     n: int, alpha: float, looks: int = LOOKS, futility: float = FUTILITY,
-    growth: float = GROWTH,
+    growth: float = GROWTH, futility_from: int = FUTILITY_FROM,
 ) -> Design:
     """Looks growing geometrically up to n (n / g^(L-1), ..., n / g, n), half of alpha at
     the last, the other half evenly over the earlier ones.
@@ -88,13 +97,13 @@ def design(
     stats._check_alpha(alpha)
     sizes = sorted({max(1, math.ceil(n / growth**j)) for j in range(looks)})
     if len(sizes) == 1:
-        return Design((n,), (alpha,), futility)
+        return Design((n,), (alpha,), futility, futility_from)
     # spend the alpha in float, then trim so the float sum never exceeds alpha
     early = alpha / 2 / (len(sizes) - 1)
     alphas = [early] * (len(sizes) - 1) + [alpha / 2]
     while math.fsum(alphas) > alpha:
         alphas[-1] = math.nextafter(alphas[-1], 0.0)
-    return Design(tuple(sizes), tuple(alphas), futility)
+    return Design(tuple(sizes), tuple(alphas), futility, futility_from)
 
 
 def thresholds(radii: Sequence[float], sigma: float) -> np.ndarray:
@@ -149,17 +158,20 @@ def decide(
             decision.certified = index
     if look == len(plan.looks) - 1:
         return True
-    # Given up (costs power only, never validity): when the upper bound u at level
-    # `futility` falls below p_r, or when, even with p_A = u, the remaining draws would
-    # bring the count to the last look's claim boundary with probability below `futility`
-    # (stochastic curtailment: p_A just above p_r, too close for n draws to show it; the
-    # standard test would not claim r either). A count beyond reach is probability 0.
+    # Given up (costs power only, never validity): when not even every remaining draw
+    # would bring the count to the last look's claim boundary, and, from futility_from
+    # draws on, when the upper bound u at level `futility` falls below p_r or when, even
+    # with p_A = u, the remaining draws would reach that boundary with probability below
+    # `futility` (stochastic curtailment: p_A just above p_r, too close for n draws to
+    # show it; the standard test would not claim r either).
     upper = _upper_confidence_bound(n_a, n, plan.futility)
     remaining = plan.looks[-1] - n
     for index in decision.open_radii(len(p_thresholds)):
         threshold = p_thresholds[index]
         needed = claim_boundary(plan.looks[-1], plan.alphas[-1], float(threshold)) - n_a
-        if upper < threshold or _reach_probability(needed, remaining, upper) < plan.futility:
+        if needed > remaining or n >= plan.futility_from and (
+            upper < threshold or _reach_probability(needed, remaining, upper) < plan.futility
+        ):
             decision.futile_from = index
             break
     return not decision.open_radii(len(p_thresholds))

@@ -25,3 +25,28 @@ def test_near_a_threshold_the_bound_is_the_standard_runs_n_and_uncertified_costs
     near = norm.cdf(0.5 / SIGMA) + 1e-4
     assert wald_bound(near, 0.5) == N0 + N
     assert wald_bound(0.3, None) == N0
+
+
+def test_the_two_runs_are_paired_certify_draws_begin_with_the_sequential_ones():
+    import torch
+
+    from bench.sequential import KnownProbability, _both_ways
+    from smoothing.core import Smooth
+
+    inputs = []
+
+    class Spy(KnownProbability):
+        def forward(self, x):
+            inputs.append(x.clone())
+            return super().forward(x)
+
+    smooth = Smooth(Spy(0.8), 3, SIGMA)
+    result = _both_ways(smooth, torch.zeros(1, 1, 16), seed=7)
+    seen = torch.cat(inputs)
+    sequential_draws = result[4]  # selection included
+    assert N0 < sequential_draws < N0 + N and len(seen) == sequential_draws + N0 + N
+    sequential, standard = seen[:sequential_draws], seen[sequential_draws:]
+    assert torch.equal(standard[:sequential_draws], sequential)
+    # an input whose noise the looks would split differently is refused
+    with pytest.raises(ValueError, match="runs of 16"):
+        _both_ways(smooth, torch.zeros(1, 1, 2), seed=7)

@@ -154,7 +154,7 @@ def test_sequential_rows_radius_is_the_largest_certified_radius_of_the_grid(tmp_
     record = sidecar(out)
     assert record["settings"]["sequential"] == {
         "radii": [0.0, 0.25, 0.5], "looks": list(plan.looks), "alphas": list(plan.alphas),
-        "futility": 0.05, "futility_rule": FUTILITY_RULE,
+        "futility": 0.1, "futility_from": 400, "futility_rule": FUTILITY_RULE,
     }
     # the same certificates through the library, each example's generator as the runner's
     dataset = build_dataset("digits", split="test")

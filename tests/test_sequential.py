@@ -155,7 +155,7 @@ def test_a_radius_out_of_reach_of_the_last_look_is_given_up_above_its_threshold(
     # 0.8533 of all 10,000 draws, 0.864 of the remaining 5,000: at p_A = 0.851 that is
     # 2.4 standard deviations away (probability 0.007 < 0.05), so r = 0.5 is given up;
     # at p-hat = 0.852 (upper bound 0.860, 0.855 needed) it is within reach (0.87).
-    plan = design(10_000, 0.001)
+    plan = design(10_000, 0.001, futility=0.05)
     look = plan.looks.index(5000)
     grid = thresholds((0.0, 0.25, 0.5), 0.5)
     decision = Decision(certified=1)  # r = 0 and 0.25 certified already
@@ -168,3 +168,29 @@ def test_a_radius_out_of_reach_of_the_last_look_is_given_up_above_its_threshold(
     done = decide(decision, n_a, 5000, plan, look, grid)
     assert done == given_up
     assert decision.futile_from == (2 if given_up else None)
+
+
+def test_futility_waits_for_futility_from_draws_but_a_claim_out_of_reach_is_given_up_at_once():
+    # r = 0.25 at sigma 0.5: p_r = 0.6915. 8 of 20 draws: the upper bound at 0.1 (0.55) is
+    # far below p_r, yet p_A may be 0.72 (a 1-in-60 count there): before 400 draws the
+    # radius stays open (it would be given up without the wait), from 400 draws on the
+    # same share gives up even r = 0 (upper bound 0.43 < 1/2).
+    plan = design(10_000, 0.001)
+    grid = thresholds((0.0, 0.25), 0.5)
+    assert plan.futility_from == 400 and 1 - stats.lower_confidence_bound(12, 20, 0.1) < 0.6
+    early, without_wait = Decision(), Decision()
+    assert not decide(early, 8, 20, plan, plan.looks.index(20), grid)
+    assert early.futile_from is None
+    no_wait = design(10_000, 0.001, futility_from=0)
+    assert not decide(without_wait, 8, 20, no_wait, no_wait.looks.index(20), grid)
+    assert without_wait.futile_from == 1
+    late = Decision()
+    assert decide(late, 177, 442, plan, plan.looks.index(442), grid)  # 0.40 of 442
+    assert late.futile_from == 0
+    # at 7,072 draws a count 3,000 short of the last look's boundary is out of reach of the
+    # 2,928 draws left, whatever futility_from says
+    never = design(10_000, 0.001, futility_from=10**9)
+    needed = claim_boundary(10_000, never.alphas[-1], float(grid[1]))
+    decision = Decision()
+    assert decide(decision, needed - 3000, 7072, never, never.looks.index(7072), grid)
+    assert (decision.certified, decision.futile_from) == (0, 1)  # 0.57 of 7,072: r = 0
