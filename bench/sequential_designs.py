@@ -32,20 +32,22 @@ CASES = [(0.05, 0, "first"), (0.05, 0, "current"), (0.02, 0, "current"),
 # Other looks and alpha splits, at the default futility (--variations): name, first look
 # (at least), growth, share of alpha at the last look, weights of the earlier looks' alpha.
 VARIATIONS = [
-    ("default: from 14 draws, growth sqrt(2), half at the last", 1, 2**0.5, 0.5, "even"),
-    ("from 111 draws", 100, 2**0.5, 0.5, "even"),
-    ("from 53 draws, growth 1.3", 50, 1.3, 0.5, "even"),
-    ("from 226 draws, growth 1.25", 200, 1.25, 0.5, "even"),
-    ("a third of alpha at the last look", 100, 2**0.5, 1 / 3, "even"),
-    ("early alpha by sqrt(look)", 100, 2**0.5, 0.5, "sqrt"),
+    ("default: 30 looks from 16 draws, growth 1.25, early alpha by sqrt(n_j)",
+     1, 1.25, 0.5, "sqrt"),
+    ("the previous looks: from 14 draws, growth sqrt(2), early alpha even",
+     13, 2**0.5, 0.5, "even"),
+    ("from 116 draws", 100, 1.25, 0.5, "sqrt"),
+    ("growth 1.15", 15, 1.15, 0.5, "sqrt"),
+    ("a third of alpha at the last look", 15, 1.25, 1 / 3, "sqrt"),
+    ("early alpha even", 15, 1.25, 0.5, "even"),
 ]
 
 
 def variation(first: int, growth: float, last_share: float, weights: str,
               futility: float = sequential.FUTILITY) -> sequential.Design:
     """Looks n, n / growth, ... down to `first`; `last_share` of alpha at the last look and
-    the rest over the earlier ones, evenly or by the square root of their size. The default
-    design is (1, sqrt(2), 0.5, even) up to its 20 looks."""
+    the rest over the earlier ones, evenly or by the square root of their size. `first` 1
+    is the default design (30 looks, growth 1.25, 0.5, sqrt)."""
     if first == 1:
         return sequential.design(N, ALPHA, futility=futility)
     sizes, size = [], float(N)

@@ -286,8 +286,8 @@ _SCALE_OPTIONS = [
                                "statistics allow (a group-sequential test, docs/scale.md): the "
                                "radius column is the largest radius of the grid certified.")),
     ("--looks", dict(type=click.IntRange(min=1), default=sequential.LOOKS,
-                     help="With --sequential: the most looks at the draws, growing by sqrt(2) "
-                          "up to --n.")),
+                     help="With --sequential: the most looks at the draws, each "
+                          f"{sequential.GROWTH:g} times the one before, up to --n.")),
     ("--futility", dict(type=click.FloatRange(0, 1, min_open=True, max_open=True),
                         default=sequential.FUTILITY,
                         help=f"With --sequential: from {sequential.FUTILITY_FROM} draws on, "

@@ -26,11 +26,15 @@ from smoothing.sequential import (
 def test_design_grows_geometrically_up_to_n_and_spends_at_most_alpha():
     plan = design(10_000, 0.001, looks=8, growth=2)
     assert plan.looks == (79, 157, 313, 625, 1250, 2500, 5000, 10_000)
-    # the default: 20 looks growing by sqrt(2), 10,000 / 2^9.5 = 13.8 draws at the first
+    # the default: 30 looks growing by 1.25, 10,000 / 1.25^29 = 15.5 draws at the first
     default = design(10_000, 0.001)
-    assert len(default.looks) == 20 and default.looks[:3] == (14, 20, 28)
-    assert default.looks[-3:] == (5000, 7072, 10_000)
-    assert default.alphas[0] == pytest.approx(0.0005 / 19) and default.alpha <= 0.001
+    assert len(default.looks) == 30 and default.looks[:3] == (16, 20, 25)
+    assert default.looks[-3:] == (6400, 8000, 10_000)
+    # half of alpha at the last look, the other half in proportion to sqrt(n_j)
+    assert default.alphas[-1] == pytest.approx(0.0005) and default.alpha <= 0.001
+    assert math.fsum(default.alphas[:-1]) == pytest.approx(0.0005)
+    assert default.alphas[-2] / default.alphas[0] == pytest.approx(math.sqrt(8000 / 16))
+    assert default.alphas[1] / default.alphas[0] == pytest.approx(math.sqrt(20 / 16))
     assert plan.alpha <= 0.001 and plan.alphas[-1] == pytest.approx(0.0005)
     assert design(1, 0.01).looks == (1,) and design(1, 0.01).alphas == (0.01,)
 
@@ -155,7 +159,7 @@ def test_a_radius_out_of_reach_of_the_last_look_is_given_up_above_its_threshold(
     # 0.8533 of all 10,000 draws, 0.864 of the remaining 5,000: at p_A = 0.851 that is
     # 2.4 standard deviations away (probability 0.007 < 0.05), so r = 0.5 is given up;
     # at p-hat = 0.852 (upper bound 0.860, 0.855 needed) it is within reach (0.87).
-    plan = design(10_000, 0.001, futility=0.05)
+    plan = design(10_000, 0.001, looks=20, futility=0.05, growth=math.sqrt(2))
     look = plan.looks.index(5000)
     grid = thresholds((0.0, 0.25, 0.5), 0.5)
     decision = Decision(certified=1)  # r = 0 and 0.25 certified already
@@ -185,12 +189,12 @@ def test_futility_waits_for_futility_from_draws_but_a_claim_out_of_reach_is_give
     assert not decide(without_wait, 8, 20, no_wait, no_wait.looks.index(20), grid)
     assert without_wait.futile_from == 1
     late = Decision()
-    assert decide(late, 177, 442, plan, plan.looks.index(442), grid)  # 0.40 of 442
+    assert decide(late, 177, 440, plan, plan.looks.index(440), grid)  # 0.40 of 440
     assert late.futile_from == 0
-    # at 7,072 draws a count 3,000 short of the last look's boundary is out of reach of the
-    # 2,928 draws left, whatever futility_from says
+    # at 8,000 draws a count 2,500 short of the last look's boundary is out of reach of the
+    # 2,000 draws left, whatever futility_from says
     never = design(10_000, 0.001, futility_from=10**9)
     needed = claim_boundary(10_000, never.alphas[-1], float(grid[1]))
     decision = Decision()
-    assert decide(decision, needed - 3000, 7072, never, never.looks.index(7072), grid)
-    assert (decision.certified, decision.futile_from) == (0, 1)  # 0.57 of 7,072: r = 0
+    assert decide(decision, needed - 2500, 8000, never, never.looks.index(8000), grid)
+    assert (decision.certified, decision.futile_from) == (0, 1)  # 0.57 of 8,000: r = 0
