@@ -44,13 +44,13 @@ VARIATIONS = [
 
 
 def variation(first: int, growth: float, last_share: float, weights: str,
-              futility: float = sequential.FUTILITY) -> sequential.Design:
+              futility: float = sequential.FUTILITY, n: int = N) -> sequential.Design:
     """Looks n, n / growth, ... down to `first`; `last_share` of alpha at the last look and
     the rest over the earlier ones, evenly or by the square root of their size. `first` 1
     is the default design (30 looks, growth 1.25, 0.5, sqrt)."""
     if first == 1:
-        return sequential.design(N, ALPHA, futility=futility)
-    sizes, size = [], float(N)
+        return sequential.design(n, ALPHA, futility=futility)
+    sizes, size = [], float(n)
     while size >= first:
         sizes.append(int(np.ceil(size)))
         size /= growth
@@ -80,7 +80,9 @@ def first_rule() -> Iterator[None]:
 def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
              rng: np.random.Generator) -> dict:
     """Estimation draws (selection included) over CERTIFY's, and certified accuracy (%) at
-    the grid of the sequential rule and of CERTIFY at n, the guess taken as right."""
+    the grid of the sequential rule and of CERTIFY at n (the plan's last look), the guess
+    taken as right."""
+    n = plan.looks[-1]
     drawn_total, sequential_hits, standard_hits = 0, np.zeros(len(GRID)), np.zeros(len(GRID))
     full_n_examples = full_n_draws = 0
     for _ in range(repetitions):
@@ -92,15 +94,15 @@ def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
                 if sequential.decide(decision, n_a, drawn, plan, look, THRESHOLDS):
                     break
             drawn_total += N0 + drawn
-            if drawn == N:
-                full_n_examples, full_n_draws = full_n_examples + 1, full_n_draws + N0 + N
+            if drawn == n:
+                full_n_examples, full_n_draws = full_n_examples + 1, full_n_draws + N0 + n
             sequential_hits[: decision.certified + 1] += 1
             # CERTIFY's count at n on the same draws: the path continued to n
-            count = n_a + int(rng.binomial(N - drawn, p))
-            lower = stats.lower_confidence_bound(count, N, ALPHA)
+            count = n_a + int(rng.binomial(n - drawn, p))
+            lower = stats.lower_confidence_bound(count, n, ALPHA)
             standard_hits += [sequential._claimed(lower, t) for t in THRESHOLDS]
     examples = repetitions * len(p_as)
-    return {"draws": drawn_total / examples / (N0 + N),
+    return {"draws": drawn_total / examples / (N0 + n),
             # the examples that used every draw, and their share of all draws
             "full_n_examples": full_n_examples / examples,
             "full_n_draws": full_n_draws / drawn_total,
@@ -134,16 +136,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variations", action="store_true",
                         help="compare looks and alpha splits instead of futility rules")
+    parser.add_argument("--n", type=int, default=N,
+                        help="estimation draws of CERTIFY (Cohen et al.'s ImageNet runs: "
+                             "100,000; the digits' p_A still come from a run at 10,000)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     populations = {"cohen": cohen_p_as(), "digits": digits_p_as()}
     rng = np.random.default_rng(args.seed)
-    print(f"{args.repetitions} repetitions; accuracy: sequential minus standard, points, "
+    print(f"n = {args.n:,}, {args.repetitions} repetitions; accuracy: sequential minus "
+          "standard, points, "
           f"at r = {', '.join(map(str, GRID))}")
-    cases = ([(name, variation(*shape), "current") for name, *shape in VARIATIONS]
+    cases = ([(name, variation(*shape, n=args.n), "current") for name, *shape in VARIATIONS]
              if args.variations else
              [(f"futility {f} from {start} draws, {rule} rule",
-               sequential.design(N, ALPHA, futility=f, futility_from=start), rule)
+               sequential.design(args.n, ALPHA, futility=f, futility_from=start), rule)
               for f, start, rule in CASES])
     for name, plan, rule in cases:
         cells = []

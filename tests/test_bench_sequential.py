@@ -50,3 +50,22 @@ def test_the_two_runs_are_paired_certify_draws_begin_with_the_sequential_ones():
     # an input whose noise the looks would split differently is refused
     with pytest.raises(ValueError, match="runs of 16"):
         _both_ways(smooth, torch.zeros(1, 1, 2), seed=7)
+
+
+def test_the_design_simulation_counts_draws_against_the_plans_own_n():
+    import numpy as np
+
+    from bench.sequential_designs import simulate
+    from smoothing.sequential import design
+
+    # p_A = 1: every draw votes for the guess, so the Clopper-Pearson lower bound after
+    # n_j draws is alpha_j^(1 / n_j), and the largest grid radius (1.0, p_r = Phi(2)) is
+    # claimed at the first look where that reaches p_r; CERTIFY at n certifies every radius
+    for n in (1000, 100_000):
+        plan = design(n, ALPHA)
+        first = next(size for size, level in zip(plan.looks, plan.alphas, strict=True)
+                     if level ** (1 / size) >= norm.cdf(1.0 / SIGMA))
+        result = simulate(np.array([1.0, 1.0]), plan, 2, np.random.default_rng(0))
+        assert result["draws"] == pytest.approx((N0 + first) / (N0 + n))
+        assert result["sequential"] == result["standard"] == [100.0] * 5
+        assert result["full_n_examples"] == 0
