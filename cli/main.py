@@ -291,11 +291,10 @@ _SCALE_OPTIONS = [
     ("--futility", dict(type=click.FloatRange(0, 1, min_open=True, max_open=True),
                         default=sequential.FUTILITY,
                         help=f"With --sequential: from {sequential.FUTILITY_FROM} draws on, "
-                             "give a radius up when "
-                             "the upper confidence bound at this level falls below its "
-                             "threshold, or when even at that bound the remaining draws reach "
-                             "a claim with less than this probability (costs power, never "
-                             "validity).")),
+                             "give a radius up when the upper confidence bound at this level "
+                             "falls below its threshold, or when even at that bound the "
+                             "remaining draws reach a claim with less than this probability "
+                             "(costs power, never validity).")),
     ("--early-exit", dict(is_flag=True,
                           help="Skip the n estimation draws of an example whose selection "
                                "draws guess a class other than its label: it is not certified "
