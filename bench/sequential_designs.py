@@ -24,7 +24,7 @@ from bench.sequential import ALPHA, GRID, N0, REFERENCE, SIGMA, N, p_a_from_radi
 from smoothing import sequential, stats
 from smoothing.core import Smooth
 
-THRESHOLDS = sequential.thresholds(GRID, SIGMA)
+THRESHOLDS = tuple(float(t) for t in sequential.thresholds(GRID, SIGMA))
 # futility level, draws before futility applies, rule: the first version, the second
 # (stochastic curtailment, futility at every look), and the default (futility from 400)
 CASES = [(0.05, 0, "first"), (0.05, 0, "current"), (0.02, 0, "current"),
@@ -38,18 +38,19 @@ VARIATIONS = [
      13, 2**0.5, 0.5, "even"),
     ("from 116 draws", 100, 1.25, 0.5, "sqrt"),
     ("growth 1.15", 15, 1.15, 0.5, "sqrt"),
-    ("a third of alpha at the last look", 15, 1.25, 1 / 3, "sqrt"),
+    ("two thirds of alpha over the early looks", 15, 1.25, 1 / 3, "sqrt"),
     ("early alpha even", 15, 1.25, 0.5, "even"),
 ]
 
 
 def variation(first: int, growth: float, last_share: float, weights: str,
               futility: float = sequential.FUTILITY, n: int = N) -> sequential.Design:
-    """Looks n, n / growth, ... down to `first`; `last_share` of alpha at the last look and
-    the rest over the earlier ones, evenly or by the square root of their size. `first` 1
-    is the default design (30 looks, growth 1.25, 0.5, sqrt)."""
+    """Looks n, n / growth, ... down to `first`; 1 - `last_share` of alpha over the early
+    looks, evenly or by the square root of their size, and the last look's counts set
+    exactly (`exact_last_look`), as the engine does. `first` 1 is the default design (30
+    looks, growth 1.25, 0.5, sqrt)."""
     if first == 1:
-        return sequential.design(n, ALPHA, futility=futility)
+        return sequential.grid_design(n, ALPHA, tuple(THRESHOLDS), futility=futility)
     sizes, size = [], float(n)
     while size >= first:
         sizes.append(int(np.ceil(size)))
@@ -59,7 +60,8 @@ def variation(first: int, growth: float, last_share: float, weights: str,
     alphas = [*(ALPHA * (1 - last_share) * early / early.sum()), ALPHA * last_share]
     while sum(alphas) > ALPHA:
         alphas[-1] = np.nextafter(alphas[-1], 0.0)
-    return sequential.Design(tuple(sizes), tuple(float(a) for a in alphas), futility)
+    plan = sequential.Design(tuple(sizes), tuple(float(a) for a in alphas), futility)
+    return sequential.exact_last_look(plan, THRESHOLDS, ALPHA)
 
 
 @contextlib.contextmanager
@@ -149,7 +151,9 @@ def main() -> None:
     cases = ([(name, variation(*shape, n=args.n), "current") for name, *shape in VARIATIONS]
              if args.variations else
              [(f"futility {f} from {start} draws, {rule} rule",
-               sequential.design(args.n, ALPHA, futility=f, futility_from=start), rule)
+               sequential.exact_last_look(
+                   sequential.design(args.n, ALPHA, futility=f, futility_from=start),
+                   THRESHOLDS, ALPHA), rule)
               for f, start, rule in CASES])
     for name, plan, rule in cases:
         cells = []

@@ -341,13 +341,15 @@ def _certify_settings(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("early_exit"):
         settings["early_exit"] = True
     if options.get("sequential"):
-        plan = sequential.design(
-            options["n"], options["alpha"], options["looks"], options["futility"]
+        p_thresholds = sequential.thresholds(options["radii"], options["sigma"])
+        plan = sequential.grid_design(
+            options["n"], options["alpha"], tuple(float(t) for t in p_thresholds),
+            options["looks"], options["futility"],
         )
         settings["sequential"] = {
             "radii": list(options["radii"]), "looks": list(plan.looks),
-            "alphas": list(plan.alphas), "futility": plan.futility,
-            "futility_from": plan.futility_from,
+            "alphas": list(plan.alphas), "last_counts": list(plan.last_counts),
+            "futility": plan.futility, "futility_from": plan.futility_from,
             # files made under an earlier rule are refused on resume
             "futility_rule": sequential.FUTILITY_RULE,
         }

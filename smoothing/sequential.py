@@ -6,11 +6,15 @@ before: p_A far above or far below the threshold Phi(r / sigma). Here the estima
 draws come in stages (looks at n_1 < ... < n_L = n, each 1.25 times the one before) and
 stop when every radius of the grid is decided. This is a group-sequential design:
 
-- at look j, radius r is *certified* when the one-sided Clopper-Pearson lower bound on
-  p_A at level alpha_j reaches p_r = Phi(r / sigma) (r = 0: exceeds 1/2, as CERTIFY);
-  alpha_1 + ... + alpha_L = alpha (half of alpha at the last look, the other half over
-  the earlier ones in proportion to the square root of their draws), so a union bound
-  over the looks keeps the chance of any false claim at or below alpha;
+- at an early look j, radius r is *certified* when the one-sided Clopper-Pearson lower
+  bound on p_A at level alpha_j reaches p_r = Phi(r / sigma) (r = 0: exceeds 1/2, as
+  CERTIFY); alpha_1 + ... + alpha_{L-1} = alpha / 2, in proportion to the square root of
+  the looks' draws;
+- at the last look, r is certified when the count reaches the smallest boundary whose
+  chance of a claim at p_A = p_r, early looks included, is at most alpha: computed
+  exactly (`exact_last_look`), it spends what the early looks leave of alpha (a union
+  bound would give the last look alpha / 2; here it gets alpha itself where the early
+  looks cannot claim, as near the largest radius n draws can certify);
 - radius r is *futile* (given up, never claimed) when no remaining draw could bring the
   count to the last look's claim boundary, or, from `futility_from` estimation draws on,
   when the Clopper-Pearson upper bound u at level `futility` falls below p_r or, even with
@@ -24,8 +28,8 @@ anywhere implies a false claim at the smallest invalid radius r*, whose probabil
 at most the chance that the count ever crosses r*'s boundary, largest at p_A = p_{r*}.
 `overclaim_probability` computes that chance exactly (dynamic programming over the
 binomial increments between looks, ignoring futility and early stops, which only remove
-claims), so validity is checked, not assumed; the same computation shows that
-re-testing at the full alpha after every stage over-claims.
+claims); the last look's boundaries are set by the same computation, and the same
+computation shows that re-testing at the full alpha after every stage over-claims.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class Design:
     alphas: tuple[float, ...]
     futility: float = FUTILITY
     futility_from: int = FUTILITY_FROM
+    # The last look's claim boundary (a count) for each radius of the grid, set by
+    # `exact_last_look`; empty: the Clopper-Pearson test at alphas[-1] (union bound).
+    last_counts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.looks or list(self.looks) != sorted(set(self.looks)) or self.looks[0] < 1:
@@ -82,6 +89,14 @@ class Design:
     @property
     def alpha(self) -> float:
         return math.fsum(self.alphas)
+
+    def last_boundary(self, radius_index: int | None, threshold: float) -> int:
+        """The smallest count of the last look's n that claims this radius (n + 1: none)."""
+        if self.last_counts:
+            if radius_index is None:
+                raise ValueError("a design with exact last-look counts needs the radius index")
+            return self.last_counts[radius_index]
+        return claim_boundary(self.looks[-1], self.alphas[-1], float(threshold))
 
 
 def design(
@@ -156,12 +171,15 @@ def decide(
     open_radii = decision.open_radii(len(p_thresholds))
     if not open_radii:
         return True
+    if look == len(plan.looks) - 1:
+        for index in open_radii:
+            if n_a >= plan.last_boundary(index, p_thresholds[index]):
+                decision.certified = index
+        return True
     lower = stats.lower_confidence_bound(n_a, n, plan.alphas[look])
     for index in open_radii:
         if _claimed(lower, p_thresholds[index]):
             decision.certified = index
-    if look == len(plan.looks) - 1:
-        return True
     # Given up (costs power only, never validity): when not even every remaining draw
     # would bring the count to the last look's claim boundary, and, from futility_from
     # draws on, when the upper bound u at level `futility` falls below p_r or when, even
@@ -172,7 +190,7 @@ def decide(
     remaining = plan.looks[-1] - n
     for index in decision.open_radii(len(p_thresholds)):
         threshold = p_thresholds[index]
-        needed = claim_boundary(plan.looks[-1], plan.alphas[-1], float(threshold)) - n_a
+        needed = plan.last_boundary(index, threshold) - n_a
         if needed > remaining or n >= plan.futility_from and (
             upper < threshold or _reach_probability(needed, remaining, upper) < plan.futility
         ):
@@ -207,27 +225,89 @@ def claim_boundary(n: int, look_alpha: float, threshold: float) -> int:
     return low
 
 
-def overclaim_probability(design: Design, threshold: float, p: float | None = None) -> float:
+# Mass below this at the low end of the count is moved into the crossing probability
+# (which stays an upper bound), so the arrays span the binomial's spread, not n.
+_NEGLIGIBLE = 1e-30
+
+
+def _binomial_increment(step: int, p: float) -> tuple[np.ndarray, int, float]:
+    """pmf of Binomial(step, p) from its first count with cdf >= 1e-30 on (trailing exact
+    zeros trimmed), that count, and the mass left below it."""
+    start = max(0, int(binom.ppf(_NEGLIGIBLE, step, p)) - 1)
+    pmf = binom.pmf(np.arange(start, step + 1), step, p)
+    nonzero = np.flatnonzero(pmf)
+    pmf = pmf[: nonzero[-1] + 1] if len(nonzero) else pmf[:1]
+    return pmf, start, float(binom.cdf(start - 1, step, p)) if start else 0.0
+
+
+def _early_looks(design: Design, threshold: float, p: float) -> tuple[float, np.ndarray, int]:
+    """Dynamic programme over the looks before the last at p_A = p: (an upper bound on the
+    chance that the count crosses a claim boundary at `threshold` there, alive, offset),
+    alive[k] = P(count = offset + k at the last look, no crossing before)."""
+    alive, offset, crossed, previous = np.ones(1), 0, 0.0, 0
+    for index, look in enumerate(design.looks):
+        pmf, start, below = _binomial_increment(look - previous, p)
+        crossed += below * float(alive.sum())  # dropped, counted as crossing
+        alive, offset = np.convolve(alive, pmf), offset + start
+        if index == len(design.looks) - 1:
+            return crossed, alive, offset
+        boundary = max(0, claim_boundary(look, design.alphas[index], threshold) - offset)
+        crossed += float(alive[boundary:].sum())
+        alive = alive[:boundary]
+        dropped = int(np.searchsorted(np.cumsum(alive), _NEGLIGIBLE))
+        crossed += float(alive[:dropped].sum())
+        alive, offset = alive[dropped:], offset + dropped
+        previous = look
+    raise AssertionError("unreachable: a design has at least one look")
+
+
+def overclaim_probability(
+    design: Design, threshold: float, p: float | None = None, radius_index: int | None = None
+) -> float:
     """P(the count crosses the claim boundary at `threshold` at some look) when p_A = p.
 
     Exact, by dynamic programming: the distribution of the count over the paths that have
-    not crossed yet, advanced by the binomial increment between looks. Futility and early
-    stops are ignored: they only remove claims, so this bounds the implemented procedure.
-    p defaults to the threshold itself, the worst case among p_A < threshold (crossing is
-    monotone in p); the result must be <= design.alpha.
+    not crossed yet, advanced by the binomial increment between looks (less than 1e-30 of
+    mass per look, at the low end, is counted as crossing: an upper bound). Futility and
+    early stops are ignored: they only remove claims, so this bounds the implemented
+    procedure. p defaults to the threshold itself, the worst case among p_A < threshold
+    (crossing is monotone in p); the result must be <= alpha. `radius_index` picks the
+    last look's count of a design from `exact_last_look`.
     """
     p = threshold if p is None else p
-    alive = np.ones(1)  # P(count = k, not crossed), k = 0..n_j
-    crossed = 0.0
-    previous = 0
-    for look, look_alpha in zip(design.looks, design.alphas, strict=True):
-        step = look - previous
-        alive = np.convolve(alive, binom.pmf(np.arange(step + 1), step, p))
-        boundary = claim_boundary(look, look_alpha, threshold)
-        crossed += float(alive[boundary:].sum())
-        alive[boundary:] = 0.0
-        previous = look
-    return crossed
+    crossed, alive, offset = _early_looks(design, threshold, p)
+    boundary = max(0, design.last_boundary(radius_index, threshold) - offset)
+    return crossed + float(alive[boundary:].sum())
+
+
+def exact_last_look(plan: Design, p_thresholds: Sequence[float], alpha: float) -> Design:
+    """`plan` with the last look's claim boundary of each radius set exactly: the smallest
+    count whose chance of a claim at p_A = p_r, the early looks' crossings included, is at
+    most alpha (less a relative 1e-9 for the float sums). Raised where needed so that the
+    boundaries grow with the radius (claims stay monotone in the count); a boundary at
+    or below the union bound's, at or above CERTIFY's at alpha with one look."""
+    limit = alpha * (1 - 1e-9)
+    counts = []
+    for threshold in p_thresholds:
+        crossed, alive, offset = _early_looks(plan, float(threshold), float(threshold))
+        # tail[k] = P(count >= offset + k, no early crossing); tail[len] = 0
+        tail = np.append(np.cumsum(alive[::-1])[::-1], 0.0)
+        within = np.flatnonzero(crossed + tail <= limit)
+        boundary = offset + int(within[0]) if len(within) else plan.looks[-1] + 1
+        counts.append(min(boundary, plan.looks[-1] + 1))
+    for index in range(1, len(counts)):
+        counts[index] = max(counts[index], counts[index - 1])
+    return Design(plan.looks, plan.alphas, plan.futility, plan.futility_from, tuple(counts))
+
+
+@functools.lru_cache(maxsize=64)
+def grid_design(
+    n: int, alpha: float, p_thresholds: tuple[float, ...], looks: int = LOOKS,
+    futility: float = FUTILITY,
+) -> Design:
+    """The design `certify --sequential` runs at these thresholds: `design` with its last
+    look set by `exact_last_look` (cached: computed once per run, not per example)."""
+    return exact_last_look(design(n, alpha, looks, futility), p_thresholds, alpha)
 
 
 @dataclass(frozen=True)
@@ -282,8 +362,8 @@ def certify_guess_at_radii(
     """The estimation stage of `certify_at_radii` for a class already guessed from
     independent selection draws; `samples` counts the estimation draws only."""
     grid = check_radii(radii)
-    plan = design(n, alpha, looks, futility)
     p_thresholds = thresholds(grid, smooth.sigma)
+    plan = grid_design(n, alpha, tuple(float(t) for t in p_thresholds), looks, futility)
     decision = Decision()
     n_a = drawn = 0
     for look, size in enumerate(plan.looks):

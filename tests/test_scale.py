@@ -16,7 +16,13 @@ from cli.main import certify_command, predict_command
 from smoothing import analysis
 from smoothing.core import Smooth
 from smoothing.runner import example_generator
-from smoothing.sequential import FUTILITY_RULE, certify_at_radii, design
+from smoothing.sequential import (
+    FUTILITY_RULE,
+    certify_at_radii,
+    design,
+    exact_last_look,
+    thresholds,
+)
 from tests.cli_helpers import certify_interrupted_at, invoke, rows, sidecar
 
 N0, N = 20, 200
@@ -151,9 +157,11 @@ def test_sequential_rows_radius_is_the_largest_certified_radius_of_the_grid(tmp_
                     "--looks", "5", "--out", str(out))
     assert result.exit_code == 0, result.output
     plan = design(N, 0.001, looks=5)
+    exact = exact_last_look(plan, thresholds((0.0, 0.25, 0.5), 0.25), 0.001)
     record = sidecar(out)
     assert record["settings"]["sequential"] == {
         "radii": [0.0, 0.25, 0.5], "looks": list(plan.looks), "alphas": list(plan.alphas),
+        "last_counts": list(exact.last_counts),
         "futility": 0.1, "futility_from": 400, "futility_rule": FUTILITY_RULE,
     }
     # the same certificates through the library, each example's generator as the runner's

@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import binom, norm
@@ -18,6 +19,8 @@ from smoothing.sequential import (
     claim_boundary,
     decide,
     design,
+    exact_last_look,
+    grid_design,
     overclaim_probability,
     thresholds,
 )
@@ -79,6 +82,54 @@ def test_the_implemented_boundaries_never_overclaim_beyond_alpha(n, alpha):
             assert overclaim_probability(plan, norm.cdf(radius / sigma)) <= alpha
 
 
+GRID = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+@pytest.mark.parametrize("n", [100, 1000, 10_000])
+@pytest.mark.parametrize("alpha", [0.001, 0.01])
+def test_the_exact_last_look_never_overclaims_beyond_alpha_and_sits_between_known_bounds(
+    n, alpha
+):
+    union = design(n, alpha)
+    for sigma in (0.25, 0.5, 1.0):
+        p_thresholds = tuple(float(t) for t in thresholds(GRID, sigma))
+        plan = grid_design(n, alpha, p_thresholds)
+        assert plan.looks == union.looks and plan.alphas == union.alphas
+        assert list(plan.last_counts) == sorted(plan.last_counts)
+        for index, threshold in enumerate(p_thresholds):
+            assert overclaim_probability(plan, threshold, radius_index=index) <= alpha
+            # no laxer than CERTIFY's one look at alpha, no stricter than the union bound's
+            assert (claim_boundary(n, alpha, threshold) <= plan.last_counts[index]
+                    <= claim_boundary(n, union.alphas[-1], threshold))
+
+
+def test_where_the_early_looks_cannot_claim_the_last_look_is_certify_at_alpha():
+    # 10 draws at level 1e-12 can never claim p_r = 0.9 (0.063 with all 10 votes), so the
+    # last look may spend all of alpha: CERTIFY's own boundary at n = 1,000
+    plan = exact_last_look(Design((10, 1000), (1e-12, 0.0005)), [0.9], 0.001)
+    assert plan.last_counts == (claim_boundary(1000, 0.001, 0.9),)
+    assert plan.last_counts[0] < claim_boundary(1000, 0.0005, 0.9)  # the union bound's
+
+
+def test_the_windowed_programme_equals_a_full_array_one_and_is_never_below_it():
+    # the programme drops < 1e-30 per look at the low end into the crossing probability;
+    # against the plain programme over all n + 1 counts
+    plan = design(10_000, 0.001)
+    for threshold, p in [(0.5, 0.5), (norm.cdf(1.0), norm.cdf(1.0) - 0.01), (0.999, 0.999)]:
+        alive, crossed, previous = np.ones(1), 0.0, 0
+        for look, level in zip(plan.looks, plan.alphas, strict=True):
+            alive = np.convolve(alive, binom.pmf(np.arange(look - previous + 1),
+                                                 look - previous, p))
+            boundary = claim_boundary(look, level, threshold)
+            crossed += alive[boundary:].sum()
+            alive[boundary:] = 0.0
+            previous = look
+        windowed = overclaim_probability(plan, threshold, p)
+        # (up to float rounding of the sums, which exact_last_look's 1e-9 margin covers)
+        assert windowed >= crossed * (1 - 1e-12)
+        assert windowed == pytest.approx(crossed, rel=1e-10)
+
+
 def test_naive_retesting_after_every_batch_overclaims():
     # the full alpha at each of 10 looks, as one would by re-running CERTIFY's test
     naive = Design(tuple(range(1000, 10_001, 1000)), (0.001,) * 10)
@@ -114,7 +165,9 @@ def test_coverage_through_the_real_code_path():
     p = threshold - 0.01  # a claim at `radius` is false
     results = run_trials(p, trials, sigma, (0.25, radius), n, alpha)
     false_claims = sum(r.radius >= radius for r in results)
-    bound = overclaim_probability(design(n, alpha), threshold, p)
+    # the design the code runs: grid 0, 0.25, 0.5, the last look's counts set exactly
+    plan = grid_design(n, alpha, tuple(thresholds((0.0, 0.25, radius), sigma)))
+    bound = overclaim_probability(plan, threshold, p, radius_index=2)
     assert bound <= alpha
     # futility and early stops only remove claims: the rate is at most the exact bound
     assert false_claims / trials <= bound + 3 * math.sqrt(bound * (1 - bound) / trials)
