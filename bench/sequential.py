@@ -56,9 +56,11 @@ class KnownProbability(nn.Module):
         return nn.functional.one_hot(votes, 3).float()
 
 
-def p_a_from_radius(radius: float, n: int = 100_000, alpha: float = 0.001) -> float:
-    """The p-hat whose one-sided Clopper-Pearson bound at n gives `radius` at SIGMA."""
-    lower = norm.cdf(radius / SIGMA)
+def p_a_from_radius(
+    radius: float, n: int = 100_000, alpha: float = 0.001, sigma: float = SIGMA
+) -> float:
+    """The p-hat whose one-sided Clopper-Pearson bound at n gives `radius` at sigma."""
+    lower = norm.cdf(radius / sigma)
 
     def gap(p: float) -> float:
         return float(beta.ppf(alpha, p * n, n - p * n + 1)) - lower

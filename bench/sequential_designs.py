@@ -80,12 +80,13 @@ def first_rule() -> Iterator[None]:
 
 
 def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
-             rng: np.random.Generator) -> dict:
+             rng: np.random.Generator, p_thresholds: tuple[float, ...] = THRESHOLDS) -> dict:
     """Estimation draws (selection included) over CERTIFY's, and certified accuracy (%) at
     the grid of the sequential rule and of CERTIFY at n (the plan's last look), the guess
     taken as right."""
     n = plan.looks[-1]
-    drawn_total, sequential_hits, standard_hits = 0, np.zeros(len(GRID)), np.zeros(len(GRID))
+    radii = len(p_thresholds)
+    drawn_total, sequential_hits, standard_hits = 0, np.zeros(radii), np.zeros(radii)
     full_n_examples = full_n_draws = 0
     for _ in range(repetitions):
         for p in p_as:
@@ -93,7 +94,7 @@ def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
             for look, size in enumerate(plan.looks):
                 n_a += rng.binomial(size - drawn, p)
                 drawn = size
-                if sequential.decide(decision, n_a, drawn, plan, look, THRESHOLDS):
+                if sequential.decide(decision, n_a, drawn, plan, look, p_thresholds):
                     break
             drawn_total += N0 + drawn
             if drawn == n:
@@ -102,7 +103,7 @@ def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
             # CERTIFY's count at n on the same draws: the path continued to n
             count = n_a + int(rng.binomial(n - drawn, p))
             lower = stats.lower_confidence_bound(count, n, ALPHA)
-            standard_hits += [sequential._claimed(lower, t) for t in THRESHOLDS]
+            standard_hits += [sequential._claimed(lower, t) for t in p_thresholds]
     examples = repetitions * len(p_as)
     return {"draws": drawn_total / examples / (N0 + n),
             # the examples that used every draw, and their share of all draws
@@ -132,19 +133,55 @@ def digits_p_as() -> np.ndarray:
     return np.array(p_as)
 
 
+# Cohen et al.'s other published runs (each at the sigma it was trained at): not used to
+# choose the design, so they test it out of sample (--other-populations)
+OTHER_POPULATIONS = [f"{data}_noise_{sigma}_test_sigma_{sigma}.tsv"
+                     for data in ("imagenet_resnet50", "cifar10_resnet110")
+                     for sigma in ("0.25", "0.50", "1.00")]
+
+
+def other_populations(n: int, grid: tuple[float, ...], repetitions: int,
+                      rng: np.random.Generator) -> None:
+    """The default design on each of OTHER_POPULATIONS, p_A fitted as for the Cohen one."""
+    for name in OTHER_POPULATIONS:
+        sigma = float(name.rsplit("_", 1)[1].removesuffix(".tsv"))
+        rows = [line.split("\t") for line in
+                (REFERENCE.parent / name).read_text().splitlines()[1:]]
+        p_as = np.array([0.45 if int(r[2]) == -1 else p_a_from_radius(float(r[3]), sigma=sigma)
+                         for r in rows])
+        p_thresholds = tuple(float(t) for t in sequential.thresholds(grid, sigma))
+        plan = sequential.grid_design(n, ALPHA, p_thresholds)
+        result = simulate(p_as, plan, repetitions, rng, p_thresholds)
+        gap = np.subtract(result["sequential"], result["standard"])
+        print(f"{name} ({len(p_as)} examples): {result['draws']:.3f} of CERTIFY's draws; "
+              f"accuracy [{' '.join(f'{g:+.1f}' for g in gap)}], standard "
+              f"[{' '.join(f'{a:.1f}' for a in result['standard'])}]", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repetitions", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variations", action="store_true",
                         help="compare looks and alpha splits instead of futility rules")
+    parser.add_argument("--other-populations", action="store_true",
+                        help="the default design on Cohen et al.'s six other published runs "
+                             "(out of sample), at --radii")
+    parser.add_argument("--radii", default=",".join(map(str, GRID)),
+                        help="with --other-populations: the grid")
     parser.add_argument("--n", type=int, default=N,
                         help="estimation draws of CERTIFY (Cohen et al.'s ImageNet runs: "
                              "100,000; the digits' p_A still come from a run at 10,000)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    populations = {"cohen": cohen_p_as(), "digits": digits_p_as()}
     rng = np.random.default_rng(args.seed)
+    if args.other_populations:
+        grid = sequential.check_radii([float(r) for r in args.radii.split(",")])
+        print(f"n = {args.n:,}, {args.repetitions} repetitions, grid {grid}; accuracy: "
+              "sequential minus standard, points")
+        other_populations(args.n, grid, args.repetitions, rng)
+        return
+    populations = {"cohen": cohen_p_as(), "digits": digits_p_as()}
     print(f"n = {args.n:,}, {args.repetitions} repetitions; accuracy: sequential minus "
           "standard, points, "
           f"at r = {', '.join(map(str, GRID))}")

@@ -69,3 +69,14 @@ def test_the_design_simulation_counts_draws_against_the_plans_own_n():
         assert result["draws"] == pytest.approx((N0 + first) / (N0 + n))
         assert result["sequential"] == result["standard"] == [100.0] * 5
         assert result["full_n_examples"] == 0
+
+
+@pytest.mark.parametrize("sigma, radius", [(0.25, 0.5), (1.0, 2.0)])
+def test_a_fitted_p_a_gives_back_its_radius_at_its_sigma(sigma, radius):
+    from bench.sequential import p_a_from_radius
+    from smoothing.stats import lower_confidence_bound
+
+    p = p_a_from_radius(radius, sigma=sigma)
+    # the count p * n of Cohen et al.'s n = 100,000 draws: its bound is Phi(r / sigma)
+    count = round(p * 100_000)
+    assert abs(lower_confidence_bound(count, 100_000, 0.001) - norm.cdf(radius / sigma)) < 2e-5
