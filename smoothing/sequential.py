@@ -210,8 +210,9 @@ def _reach_probability(needed: int, remaining: int, p: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def claim_boundary(n: int, look_alpha: float, threshold: float) -> int:
-    """The smallest count k of n with a claim at `threshold` (n + 1: none): the DP's
-    boundary, and the futility rule's target at the last look (cached: one per radius).
+    """The smallest count k of n with a claim at `threshold` (n + 1: none) by the
+    Clopper-Pearson test at `look_alpha`: an early look's boundary, in `decide` and in the
+    DP (cached: one per look and radius).
 
     Found by bisection on the very test `decide` runs (the lower bound grows with k), so
     it costs log2(n) bounds and no memory in n."""
