@@ -186,12 +186,12 @@ def decide(
     # with p_A = u, the remaining draws would reach that boundary with probability below
     # `futility` (stochastic curtailment: p_A just above p_r, too close for n draws to
     # show it; the standard test would not claim r either).
-    upper = _upper_confidence_bound(n_a, n, plan.futility)
     remaining = plan.looks[-1] - n
+    upper = _upper_confidence_bound(n_a, n, plan.futility) if n >= plan.futility_from else None
     for index in decision.open_radii(len(p_thresholds)):
         threshold = p_thresholds[index]
         needed = plan.last_boundary(index, threshold) - n_a
-        if needed > remaining or n >= plan.futility_from and (
+        if needed > remaining or upper is not None and (
             upper < threshold or _reach_probability(needed, remaining, upper) < plan.futility
         ):
             decision.futile_from = index
@@ -246,20 +246,20 @@ def _early_looks(design: Design, threshold: float, p: float) -> tuple[float, np.
     chance that the count crosses a claim boundary at `threshold` there, alive, offset),
     alive[k] = P(count = offset + k at the last look, no crossing before)."""
     alive, offset, crossed, previous = np.ones(1), 0, 0.0, 0
+    last = len(design.looks) - 1
     for index, look in enumerate(design.looks):
         pmf, start, below = _binomial_increment(look - previous, p)
         crossed += below * float(alive.sum())  # dropped, counted as crossing
         alive, offset = np.convolve(alive, pmf), offset + start
-        if index == len(design.looks) - 1:
-            return crossed, alive, offset
-        boundary = max(0, claim_boundary(look, design.alphas[index], threshold) - offset)
-        crossed += float(alive[boundary:].sum())
-        alive = alive[:boundary]
-        dropped = int(np.searchsorted(np.cumsum(alive), _NEGLIGIBLE))
-        crossed += float(alive[:dropped].sum())
-        alive, offset = alive[dropped:], offset + dropped
-        previous = look
-    raise AssertionError("unreachable: a design has at least one look")
+        if index < last:
+            boundary = max(0, claim_boundary(look, design.alphas[index], threshold) - offset)
+            crossed += float(alive[boundary:].sum())
+            alive = alive[:boundary]
+            dropped = int(np.searchsorted(np.cumsum(alive), _NEGLIGIBLE))
+            crossed += float(alive[:dropped].sum())
+            alive, offset = alive[dropped:], offset + dropped
+            previous = look
+    return crossed, alive, offset
 
 
 def overclaim_probability(
