@@ -123,17 +123,21 @@ def _summary(name: str, rows: list[tuple], labels: list[int], p_a: list[float]) 
     }
 
 
+def fitted_p_as(path: Path, sigma: float = SIGMA) -> list[float]:
+    """One p_A per row of a result file of Cohen et al.'s (n = 100,000): the p-hat its
+    radius came from, 0.45 where it abstained."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
+    return [0.45 if int(row[2]) == -1 else p_a_from_radius(float(row[3]), sigma=sigma)
+            for row in rows]
+
+
 def cohen_population() -> dict | None:
     if not REFERENCE.is_file():
         return None
-    lines = REFERENCE.read_text().splitlines()[1:]
-    rows, p_as = [], []
+    p_as = fitted_p_as(REFERENCE)
     x = torch.zeros(1, 1, 16)  # two coordinates are read; 16 keeps the two runs paired
-    for seed, line in enumerate(lines):
-        _, _, predicted, radius, _, _ = line.split("\t")
-        p_a = 0.45 if int(predicted) == -1 else p_a_from_radius(float(radius))
-        rows.append(_both_ways(Smooth(KnownProbability(p_a), 3, SIGMA), x, seed))
-        p_as.append(p_a)
+    rows = [_both_ways(Smooth(KnownProbability(p_a), 3, SIGMA), x, seed)
+            for seed, p_a in enumerate(p_as)]
     return _summary("cohen2019 imagenet sigma 0.50 (fitted p_A)", rows, [0] * len(rows), p_as)
 
 

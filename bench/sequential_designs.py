@@ -20,7 +20,16 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from bench.sequential import ALPHA, GRID, N0, REFERENCE, SIGMA, N, p_a_from_radius
+from bench.sequential import (
+    ALPHA,
+    GRID,
+    N0,
+    REFERENCE,
+    SIGMA,
+    N,
+    fitted_p_as,
+    p_a_from_radius,
+)
 from smoothing import sequential, stats
 from smoothing.core import Smooth
 
@@ -114,8 +123,7 @@ def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
 
 
 def cohen_p_as() -> np.ndarray:
-    rows = [line.split("\t") for line in REFERENCE.read_text().splitlines()[1:]]
-    return np.array([0.45 if int(r[2]) == -1 else p_a_from_radius(float(r[3])) for r in rows])
+    return np.array(fitted_p_as(REFERENCE))
 
 
 def digits_p_as() -> np.ndarray:
@@ -145,10 +153,7 @@ def other_populations(n: int, grid: tuple[float, ...], repetitions: int,
     """The default design on each of OTHER_POPULATIONS, p_A fitted as for the Cohen one."""
     for name in OTHER_POPULATIONS:
         sigma = float(name.rsplit("_", 1)[1].removesuffix(".tsv"))
-        rows = [line.split("\t") for line in
-                (REFERENCE.parent / name).read_text().splitlines()[1:]]
-        p_as = np.array([0.45 if int(r[2]) == -1 else p_a_from_radius(float(r[3]), sigma=sigma)
-                         for r in rows])
+        p_as = np.array(fitted_p_as(REFERENCE.parent / name, sigma))
         p_thresholds = tuple(float(t) for t in sequential.thresholds(grid, sigma))
         plan = sequential.grid_design(n, ALPHA, p_thresholds)
         result = simulate(p_as, plan, repetitions, rng, p_thresholds)
