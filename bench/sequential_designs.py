@@ -35,42 +35,27 @@ from smoothing.core import Smooth
 
 THRESHOLDS = tuple(float(t) for t in sequential.thresholds(GRID, SIGMA))
 # futility level, draws before futility applies, rule: the first version, the second
-# (stochastic curtailment, futility at every look), and the default (futility from 400)
-CASES = [(0.05, 0, "first"), (0.05, 0, "current"), (0.02, 0, "current"),
-         (0.05, 400, "current"), (0.1, 400, "current"), (0.2, 400, "current")]
-# Other looks and alpha splits, at the default futility (--variations): name, first look
-# (at least), growth, share of alpha at the last look, weights of the earlier looks' alpha.
+# (stochastic curtailment, futility at every look), and levels from 400 draws (the default
+# is 0.07 from 400)
+CASES = [(0.05, 0, "first"), (0.05, 0, "current"), (0.05, 400, "current"),
+         (0.07, 400, "current"), (0.1, 400, "current"), (0.15, 400, "current")]
+# Other looks and spending, at the default futility (--variations): name, growth, looks,
+# the early looks' share of alpha (early_share * alpha * n_j / n_(L-1) spent by look j).
 VARIATIONS = [
-    ("default: 30 looks from 16 draws, growth 1.25, early alpha by sqrt(n_j)",
-     1, 1.25, 0.5, "sqrt"),
-    ("the previous looks: from 14 draws, growth sqrt(2), early alpha even",
-     13, 2**0.5, 0.5, "even"),
-    ("from 116 draws", 100, 1.25, 0.5, "sqrt"),
-    ("growth 1.15", 15, 1.15, 0.5, "sqrt"),
-    ("two thirds of alpha over the early looks", 15, 1.25, 1 / 3, "sqrt"),
-    ("early alpha even", 15, 1.25, 0.5, "even"),
+    ("default: 48 looks 1.15 apart, three quarters of alpha over the early looks",
+     1.15, 48, 0.75),
+    ("30 looks 1.25 apart", 1.25, 30, 0.75),
+    ("64 looks 1.1 apart", 1.1, 64, 0.75),
+    ("half of alpha over the early looks", 1.15, 48, 0.5),
+    ("87% of alpha over the early looks (alpha n_j / n)", 1.15, 48, 0.87),
+    ("95% of alpha over the early looks", 1.15, 48, 0.95),
 ]
 
 
-def variation(first: int, growth: float, last_share: float, weights: str,
+def variation(growth: float, looks: int, early_share: float,
               futility: float = sequential.FUTILITY, n: int = N) -> sequential.Design:
-    """Looks n, n / growth, ... down to `first`; 1 - `last_share` of alpha over the early
-    looks, evenly or by the square root of their size, and the last look's counts set
-    exactly (`exact_last_look`), as the engine does. `first` 1 is the default design (30
-    looks, growth 1.25, 0.5, sqrt)."""
-    if first == 1:
-        return sequential.grid_design(n, ALPHA, tuple(THRESHOLDS), futility=futility)
-    sizes, size = [], float(n)
-    while size >= first:
-        sizes.append(int(np.ceil(size)))
-        size /= growth
-    sizes = sorted(set(sizes))
-    early = np.ones(len(sizes) - 1) if weights == "even" else np.sqrt(sizes[:-1])
-    alphas = [*(ALPHA * (1 - last_share) * early / early.sum()), ALPHA * last_share]
-    while sum(alphas) > ALPHA:
-        alphas[-1] = np.nextafter(alphas[-1], 0.0)
-    plan = sequential.Design(tuple(sizes), tuple(float(a) for a in alphas), futility)
-    return sequential.exact_last_look(plan, THRESHOLDS, ALPHA)
+    """The engine's design at the grid with other looks or another share of alpha."""
+    return sequential.design(n, ALPHA, THRESHOLDS, looks, futility, growth, early_share)
 
 
 @contextlib.contextmanager
@@ -89,11 +74,11 @@ def first_rule() -> Iterator[None]:
 
 
 def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
-             rng: np.random.Generator, p_thresholds: tuple[float, ...] = THRESHOLDS) -> dict:
+             rng: np.random.Generator) -> dict:
     """Estimation draws (selection included) over CERTIFY's, and certified accuracy (%) at
     the grid of the sequential rule and of CERTIFY at n (the plan's last look), the guess
     taken as right."""
-    n = plan.looks[-1]
+    n, p_thresholds = plan.looks[-1], plan.p_thresholds
     radii = len(p_thresholds)
     drawn_total, sequential_hits, standard_hits = 0, np.zeros(radii), np.zeros(radii)
     full_n_examples = full_n_draws = 0
@@ -103,7 +88,7 @@ def simulate(p_as: np.ndarray, plan: sequential.Design, repetitions: int,
             for look, size in enumerate(plan.looks):
                 n_a += rng.binomial(size - drawn, p)
                 drawn = size
-                if sequential.decide(decision, n_a, drawn, plan, look, p_thresholds):
+                if sequential.decide(decision, n_a, drawn, plan, look):
                     break
             drawn_total += N0 + drawn
             if drawn == n:
@@ -155,8 +140,8 @@ def other_populations(n: int, grid: tuple[float, ...], repetitions: int,
         sigma = float(name.rsplit("_", 1)[1].removesuffix(".tsv"))
         p_as = np.array(fitted_p_as(REFERENCE.parent / name, sigma))
         p_thresholds = tuple(float(t) for t in sequential.thresholds(grid, sigma))
-        plan = sequential.grid_design(n, ALPHA, p_thresholds)
-        result = simulate(p_as, plan, repetitions, rng, p_thresholds)
+        plan = sequential.design(n, ALPHA, p_thresholds)
+        result = simulate(p_as, plan, repetitions, rng)
         gap = np.subtract(result["sequential"], result["standard"])
         print(f"{name} ({len(p_as)} examples): {result['draws']:.3f} of CERTIFY's draws; "
               f"accuracy [{' '.join(f'{g:+.1f}' for g in gap)}], standard "
@@ -168,7 +153,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variations", action="store_true",
-                        help="compare looks and alpha splits instead of futility rules")
+                        help="compare looks and spending instead of futility rules")
     parser.add_argument("--other-populations", action="store_true",
                         help="the default design on Cohen et al.'s six other published runs "
                              "(out of sample), at --radii")
@@ -193,9 +178,8 @@ def main() -> None:
     cases = ([(name, variation(*shape, n=args.n), "current") for name, *shape in VARIATIONS]
              if args.variations else
              [(f"futility {f} from {start} draws, {rule} rule",
-               sequential.exact_last_look(
-                   sequential.design(args.n, ALPHA, futility=f, futility_from=start),
-                   THRESHOLDS, ALPHA), rule)
+               sequential.design(args.n, ALPHA, THRESHOLDS, futility=f, futility_from=start),
+               rule)
               for f, start, rule in CASES])
     for name, plan, rule in cases:
         cells = []

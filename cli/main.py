@@ -342,15 +342,16 @@ def _certify_settings(options: dict[str, Any]) -> dict[str, Any]:
         settings["early_exit"] = True
     if options.get("sequential"):
         p_thresholds = sequential.thresholds(options["radii"], options["sigma"])
-        plan = sequential.grid_design(
+        plan = sequential.design(
             options["n"], options["alpha"], tuple(float(t) for t in p_thresholds),
             options["looks"], options["futility"],
         )
         settings["sequential"] = {
             "radii": list(options["radii"]), "looks": list(plan.looks),
-            "alphas": list(plan.alphas), "last_counts": list(plan.last_counts),
+            "spent": list(plan.spent), "counts": [list(row) for row in plan.counts],
             "futility": plan.futility, "futility_from": plan.futility_from,
-            # files made under an earlier rule are refused on resume
+            # files made under an earlier design or rule are refused on resume
+            "boundary_rule": sequential.BOUNDARY_RULE,
             "futility_rule": sequential.FUTILITY_RULE,
         }
     return settings

@@ -11,6 +11,7 @@ counted as a vote.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -86,10 +87,7 @@ class Smooth:
     ) -> torch.Tensor:
         """Votes of the base classifier on `num` noisy copies of x: a [K] tensor on x's device."""
         _check_counts(num=num, batch_size=batch_size)
-        if x.dim() != 3:
-            raise ValueError(f"expected one image [C, H, W], got shape {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("input image contains NaN or inf")
+        _check_image(x)
         # Memory is bounded by the batch, not by num: each batch's votes are added into
         # a [K] tensor on the device and its finiteness folded into one flag, both read
         # once at the end (no host sync per batch, and few small ops, which matters for
@@ -117,6 +115,52 @@ class Smooth:
         return counts
 
     @torch.inference_mode()
+    def guess(
+        self, x: torch.Tensor, n0: int, batch_size: int, generator: torch.Generator
+    ) -> tuple[int, int]:
+        """CERTIFY's guess, the argmax of the votes on n0 noisy copies (ties to the lowest
+        class), and how many copies the base classifier evaluated to know it.
+
+        The votes are counted in pieces, each the fewest further copies that could settle
+        the argmax, and counting stops at the first copy after which no remaining one could
+        change it: the guess is that of all n0 votes (up to batch-size dependent rounding
+        of the model). The
+        noise of all n0 copies is drawn in sample_counts' batches, so the generator ends
+        where sample_counts would leave it and the draws after the selection are the same.
+        """
+        _check_counts(n0=n0, batch_size=batch_size)
+        _check_image(x)
+        counts = torch.zeros(self.num_classes, dtype=torch.long)
+        evaluated = 0
+        for start in range(0, n0, batch_size):
+            size = min(batch_size, n0 - start)
+            batch = gaussian_noise(
+                (size, *x.shape), self.sigma, generator, dtype=x.dtype, device=x.device
+            ).add_(x)
+            done = 0
+            while done < size and not _settled(counts, n0 - evaluated):
+                leader = int(counts.argmax())
+                others = torch.cat([counts[:leader], counts[leader + 1:]])
+                lead = int(counts[leader] - (others.max() if len(others) else 0))
+                # the fewest copies that, all voting for the leader, could settle it (a tie
+                # settles it too when the tie goes to the leader), so no check is skipped
+                piece = min(size - done, max(1, math.ceil((n0 - evaluated - lead) / 2)))
+                counts += self._votes(batch[done:done + piece]).cpu()
+                done, evaluated = done + piece, evaluated + piece
+        return int(counts.argmax()), evaluated
+
+    def _votes(self, batch: torch.Tensor) -> torch.Tensor:
+        """Votes of the base classifier on a batch of noisy copies: a [K] tensor."""
+        with self._autocast(batch.device):
+            logits = self.base_classifier(batch)
+        self._check_logits(logits, len(batch))
+        if not torch.isfinite(logits).all():
+            raise NonFiniteOutputError(
+                "the base classifier returned NaN or inf under noise; refusing to count its votes"
+            )
+        return torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
+
+    @torch.inference_mode()
     def base_predict(self, x: torch.Tensor) -> int:
         """The base classifier's prediction on x itself, without noise."""
         with self._autocast(x.device):
@@ -139,6 +183,23 @@ class Smooth:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+def _check_image(x: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"expected one image [C, H, W], got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("input image contains NaN or inf")
+
+
+def _settled(counts: torch.Tensor, remaining: int) -> bool:
+    """Whether `remaining` more votes could change argmax(counts) (ties to the lowest)."""
+    leader = int(counts.argmax())
+    for other, count in enumerate(counts.tolist()):
+        gap = int(counts[leader]) - count
+        if other != leader and (gap < remaining or gap == remaining and other < leader):
+            return False
+    return True
 
 
 def _check_counts(batch_size: int, **sample_sizes: int) -> None:

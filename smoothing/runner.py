@@ -480,7 +480,7 @@ class RunSettings:
             raise ValueError("early exit and sequential certification apply to certify only")
         if self.radii is not None:
             self.radii = sequential.check_radii(self.radii)
-            sequential.design(self.n, self.alpha, self.looks, self.futility)  # checks them
+            sequential.design(self.n, self.alpha, (), self.looks, self.futility)  # checks them
 
 
 def run(
@@ -711,8 +711,12 @@ def _certify(
         return smooth.certify(
             x, settings.n0, settings.n, settings.alpha, settings.batch_size, generator
         )
-    selection = smooth.sample_counts(x, settings.n0, settings.batch_size, generator).cpu().numpy()
-    guess = int(np.argmax(selection))  # ties to the lowest index, as certify_from_counts
+    if settings.radii is not None:
+        # the sequential form evaluates only the selection draws that can change the guess
+        guess, _ = smooth.guess(x, settings.n0, settings.batch_size, generator)
+    else:
+        selection = smooth.sample_counts(x, settings.n0, settings.batch_size, generator)
+        guess = int(np.argmax(selection.cpu().numpy()))  # ties to the lowest index
     if settings.early_exit and guess != label:
         # Not certified whatever the estimation draws say: CERTIFY would return the guess
         # (wrong) or abstain, correct = 0 and no radius counted either way. Written with the
@@ -726,5 +730,5 @@ def _certify(
         return certificate.prediction, certificate.radius
     estimation = smooth.sample_counts(x, settings.n, settings.batch_size, generator)
     return stats.certify_from_counts(
-        selection, estimation.cpu().numpy(), settings.alpha, smooth.sigma
+        selection.cpu().numpy(), estimation.cpu().numpy(), settings.alpha, smooth.sigma
     )

@@ -43,10 +43,16 @@ def test_the_two_runs_are_paired_certify_draws_begin_with_the_sequential_ones():
     smooth = Smooth(Spy(0.8), 3, SIGMA)
     result = _both_ways(smooth, torch.zeros(1, 1, 16), seed=7)
     seen = torch.cat(inputs)
-    sequential_draws = result[4]  # selection included
+    sequential_draws = result[4]  # the selection draws that settled the guess included
+    selection = Smooth(KnownProbability(0.8), 3, SIGMA).guess(
+        torch.zeros(1, 1, 16), N0, N, torch.Generator().manual_seed(7))[1]
+    assert N0 // 2 < selection < N0
     assert N0 < sequential_draws < N0 + N and len(seen) == sequential_draws + N0 + N
     sequential, standard = seen[:sequential_draws], seen[sequential_draws:]
-    assert torch.equal(standard[:sequential_draws], sequential)
+    # the selection's first draws, then CERTIFY's estimation draws begin with the looks'
+    assert torch.equal(standard[:selection], sequential[:selection])
+    estimation = sequential_draws - selection
+    assert torch.equal(standard[N0:N0 + estimation], sequential[selection:])
     # an input whose noise the looks would split differently is refused
     with pytest.raises(ValueError, match="runs of 16"):
         _both_ways(smooth, torch.zeros(1, 1, 2), seed=7)
@@ -55,16 +61,19 @@ def test_the_two_runs_are_paired_certify_draws_begin_with_the_sequential_ones():
 def test_the_design_simulation_counts_draws_against_the_plans_own_n():
     import numpy as np
 
-    from bench.sequential_designs import simulate
+    from bench.sequential_designs import THRESHOLDS, simulate
     from smoothing.sequential import design
 
-    # p_A = 1: every draw votes for the guess, so the Clopper-Pearson lower bound after
-    # n_j draws is alpha_j^(1 / n_j), and the largest grid radius (1.0, p_r = Phi(2)) is
-    # claimed at the first look where that reaches p_r; CERTIFY at n certifies every radius
+    # p_A = 1: every draw votes for the guess, so the count at look j is n_j and the
+    # largest grid radius (1.0, p_r = Phi(2)) is claimed at the first look whose boundary
+    # is within its draws; CERTIFY at n certifies every radius
     for n in (1000, 100_000):
-        plan = design(n, ALPHA)
-        first = next(size for size, level in zip(plan.looks, plan.alphas, strict=True)
-                     if level ** (1 / size) >= norm.cdf(1.0 / SIGMA))
+        plan = design(n, ALPHA, THRESHOLDS)
+        first = next(size for size, boundary in zip(plan.looks, plan.counts[-1], strict=True)
+                     if boundary <= size)
+        # known answer: all of n_j votes cross at p_r = Phi(2) once Phi(2)^n_j, the chance
+        # of that path, is within the alpha spent by then
+        assert norm.cdf(2.0) ** first <= plan.spent[plan.looks.index(first)]
         result = simulate(np.array([1.0, 1.0]), plan, 2, np.random.default_rng(0))
         assert result["draws"] == pytest.approx((N0 + first) / (N0 + n))
         assert result["sequential"] == result["standard"] == [100.0] * 5

@@ -18,6 +18,7 @@ import torch
 from scipy.stats import binom
 
 from smoothing.core import NonFiniteOutputError, Smooth
+from smoothing.noise import gaussian_noise
 
 STD_NORMAL = NormalDist()
 SHAPE = (1, 4, 4)  # small inputs: the cost is in the Monte Carlo loop, not the model
@@ -453,3 +454,79 @@ def test_logits_wider_than_num_classes_raise() -> None:
     smooth.num_classes = 1  # the model returns 2 logits: a vote could fall outside the counts
     with pytest.raises(ValueError, match="logits of shape"):
         smooth.sample_counts(x, 10, 10, gen(0))
+
+
+# --- the curtailed selection of the sequential form ---------------------------------------------
+
+
+class ThreeWay(torch.nn.Module):
+    """Class 0 where the first pixel is below a, 1 where below b, else 2 (one-hot logits)."""
+
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.a, self.b = a, b
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        first = x.flatten(1)[:, 0]
+        votes = torch.where(first < self.a, 0, torch.where(first < self.b, 1, 2))
+        return torch.nn.functional.one_hot(votes, 3).float()
+
+
+@pytest.mark.parametrize("a, b", [(0.0, 0.1), (-0.05, 0.05), (0.5, 0.6), (-1.0, 1.0)])
+@pytest.mark.parametrize("n0, batch_size", [(100, 1000), (100, 30), (7, 3)])
+def test_guess_is_the_argmax_of_all_n0_votes_and_leaves_the_generator_where_they_do(
+    a: float, b: float, n0: int, batch_size: int
+) -> None:
+    # close classes (ties included: counts of 50/50 when a = 0 and b is near it) and clear
+    x = torch.zeros(SHAPE)
+    for seed in range(40):
+        full, curtailed = ThreeWay(a, b), ThreeWay(a, b)
+        counts = Smooth(full, 3, 1.0).sample_counts(x, n0, batch_size, after_full := gen(seed))
+        guess, evaluated = Smooth(curtailed, 3, 1.0).guess(x, n0, batch_size,
+                                                           after_curtailed := gen(seed))
+        assert guess == int(np.argmax(counts.numpy()))  # ties to the lowest class
+        assert evaluated == sum(curtailed.calls) <= n0
+        # the next draws are the same: the selection's noise was drawn in full
+        assert torch.equal(torch.randn(5, generator=after_full),
+                           torch.randn(5, generator=after_curtailed))
+
+
+def first_settled(votes: list[int], classes: int) -> int:
+    """The first m after which no remaining vote can change the argmax (ties to the lowest
+    class) of the first m votes: by trying every completion's best case for each class."""
+    n0 = len(votes)
+    for m in range(1, n0 + 1):
+        counts = [votes[:m].count(c) for c in range(classes)]
+        leader = counts.index(max(counts))
+        remaining = n0 - m
+        # another class c overtakes with all remaining votes when it then beats the leader
+        if all(counts[c] + remaining < counts[leader]
+               or counts[c] + remaining == counts[leader] and c > leader
+               for c in range(classes) if c != leader):
+            return m
+    return n0
+
+
+def test_guess_stops_at_the_first_vote_that_settles_it() -> None:
+    x = torch.zeros(SHAPE)
+    for a, b, n0, batch_size in [(-100.0, -100.0, 100, 1000), (100.0, 100.0, 100, 1000),
+                                 (0.0, 100.0, 20, 1000), (-0.3, 0.3, 100, 1000),
+                                 (0.8, 1.5, 100, 16)]:
+        for seed in range(10):
+            # the votes on the draws sample_counts makes: noise in batches of batch_size
+            generator, first_pixels = gen(seed), []
+            for start in range(0, n0, batch_size):
+                size = min(batch_size, n0 - start)
+                noise = gaussian_noise((size, *SHAPE), 1.0, generator)
+                first_pixels += noise[:, 0, 0, 0].tolist()
+            votes = [0 if z < a else 1 if z < b else 2 for z in first_pixels]
+            model = ThreeWay(a, b)
+            guess, evaluated = Smooth(model, 3, 1.0).guess(x, n0, batch_size, gen(seed))
+            assert evaluated == first_settled(votes, 3)
+            assert guess == max(range(3), key=lambda c: (votes.count(c), -c))
+    # every vote for class 2: 51 of 100 (after 50, class 0 could still tie at 50 and take
+    # the tie); every vote for class 0: 50 (a tie goes to class 0)
+    assert Smooth(ThreeWay(-100.0, -100.0), 3, 1.0).guess(x, 100, 1000, gen(0)) == (2, 51)
+    assert Smooth(ThreeWay(100.0, 100.0), 3, 1.0).guess(x, 100, 1000, gen(0)) == (0, 50)

@@ -17,10 +17,10 @@ from smoothing import analysis
 from smoothing.core import Smooth
 from smoothing.runner import example_generator
 from smoothing.sequential import (
+    BOUNDARY_RULE,
     FUTILITY_RULE,
     certify_at_radii,
     design,
-    exact_last_look,
     thresholds,
 )
 from tests.cli_helpers import certify_interrupted_at, invoke, rows, sidecar
@@ -133,12 +133,25 @@ def test_a_resume_with_other_scale_settings_is_refused(tmp_path):
         == before
 
 
-def test_a_sequential_file_of_the_first_futility_rule_is_refused_on_resume(tmp_path):
+def _as_the_first_futility_rule_wrote_it(settings: dict) -> None:
+    del settings["futility_rule"]
+
+
+def _as_the_clopper_pearson_design_wrote_it(settings: dict) -> None:
+    # a test per look with alpha split over the looks, the last look's counts set exactly
+    settings["alphas"] = [0.0001] * (len(settings["looks"]) - 1) + [0.0005]
+    settings["last_counts"] = [row[-1] for row in settings.pop("counts")]
+    del settings["spent"], settings["boundary_rule"]
+
+
+@pytest.mark.parametrize("earlier", [_as_the_first_futility_rule_wrote_it,
+                                     _as_the_clopper_pearson_design_wrote_it])
+def test_a_sequential_file_of_an_earlier_design_is_refused_on_resume(tmp_path, earlier):
     out = tmp_path / "seq"
     args = [*FAST, "--sequential", "--radii", "0,0.25", "--looks", "5", "--out", str(out)]
     assert invoke(certify_command, *args, "--max", "2").exit_code == 0
     record = sidecar(out)
-    del record["settings"]["sequential"]["futility_rule"]  # as the first version wrote it
+    earlier(record["settings"]["sequential"])
     out.with_name("seq.json").write_text(json.dumps(record))
     before = out.with_name("seq.tsv").read_text()
     result = invoke(certify_command, *args, "--max", "3", catch_exceptions=True)
@@ -156,13 +169,14 @@ def test_sequential_rows_radius_is_the_largest_certified_radius_of_the_grid(tmp_
     result = invoke(certify_command, *FAST, "--max", "4", "--sequential", "--radii", grid,
                     "--looks", "5", "--out", str(out))
     assert result.exit_code == 0, result.output
-    plan = design(N, 0.001, looks=5)
-    exact = exact_last_look(plan, thresholds((0.0, 0.25, 0.5), 0.25), 0.001)
+    plan = design(N, 0.001, tuple(float(t) for t in thresholds((0.0, 0.25, 0.5), 0.25)),
+                  looks=5)
     record = sidecar(out)
     assert record["settings"]["sequential"] == {
-        "radii": [0.0, 0.25, 0.5], "looks": list(plan.looks), "alphas": list(plan.alphas),
-        "last_counts": list(exact.last_counts),
-        "futility": 0.1, "futility_from": 400, "futility_rule": FUTILITY_RULE,
+        "radii": [0.0, 0.25, 0.5], "looks": list(plan.looks), "spent": list(plan.spent),
+        "counts": [list(row) for row in plan.counts],
+        "futility": 0.07, "futility_from": 400, "boundary_rule": BOUNDARY_RULE,
+        "futility_rule": FUTILITY_RULE,
     }
     # the same certificates through the library, each example's generator as the runner's
     dataset = build_dataset("digits", split="test")
@@ -186,6 +200,9 @@ def test_sequential_with_early_exit(tmp_path):
     args = [*FAST, *WRONG_GUESSES, "--sequential", "--radii", "0,0.25,0.5"]
     assert invoke(certify_command, *args, "--out", str(plain)).exit_code == 0
     assert invoke(certify_command, *args, "--early-exit", "--out", str(early)).exit_code == 0
+    dataset = build_dataset("digits", split="test")
+    smooth = Smooth(build_classifier("digits-clean", class_names=dataset.classes, sigma=0.5),
+                    10, 0.5)
     exited = 0
     for whole, cut in zip(rows(plain, without_time=True), rows(early, without_time=True),
                           strict=True):
@@ -194,7 +211,11 @@ def test_sequential_with_early_exit(tmp_path):
         else:
             exited += 1
             assert (cut["radius"], cut["correct"], whole["correct"]) == ("0.000000", "0", "0")
-            assert sidecar(early)["forward_passes_by_row"][cut["idx"]] == N0
+            # only the selection draws that settled the guess were evaluated
+            index = int(cut["idx"])
+            generator = example_generator(0, index, "cpu")
+            _, settled = smooth.guess(dataset[index][0], N0, 100, generator)
+            assert sidecar(early)["forward_passes_by_row"][cut["idx"]] == settled <= N0
     assert exited >= 1
     assert summary(early) == summary(plain)
 
