@@ -348,7 +348,8 @@ def _certify_settings(options: dict[str, Any]) -> dict[str, Any]:
         )
         settings["sequential"] = {
             "radii": list(options["radii"]), "looks": list(plan.looks),
-            "spent": list(plan.spent), "counts": [list(row) for row in plan.counts],
+            "spent": [list(row) for row in plan.spent],
+            "counts": [list(row) for row in plan.counts],
             "futility": plan.futility, "futility_from": plan.futility_from,
             # files made under an earlier design or rule are refused on resume
             "boundary_rule": sequential.BOUNDARY_RULE,

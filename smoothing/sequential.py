@@ -10,7 +10,8 @@ design with an alpha-spending function (Lan and DeMets):
 - radius r is *certified* at look j when the count of votes for the guess reaches the
   look's boundary b_j(r): the smallest count for which the chance of a claim at p_A = p_r
   by look j, earlier looks included, is at most the alpha spent by then: three quarters
-  of alpha over the early looks in proportion to their draws, alpha at the last. The
+  of alpha over the early looks in proportion to their draws (less for a radius near
+  the largest n can certify, `radius_share`), alpha at the last. The
   chance is computed exactly (`boundaries`), so the looks' strong correlation costs no
   alpha (a Clopper-Pearson test per look with alpha split over the looks, a union bound,
   spent alpha on claims the earlier looks had already made). With one look this is
@@ -65,7 +66,8 @@ FUTILITY_RULE = ("claim out of reach of every remaining draw; from futility_from
 # How the boundaries are set, as recorded in a run's settings: files made under the
 # earlier design (Clopper-Pearson per look, alpha split over the looks) are refused.
 BOUNDARY_RULE = ("exact alpha spending: P(claim by look j | p_A = p_r) <= spent_j, "
-                 "spent_j = early_share alpha n_j / n_(L-1) before the last look, alpha at it")
+                 "spent_j = share_r alpha n_j / n_(L-1) before the last look, alpha at it, "
+                 "share_r = early_share (1 - log(alpha) / log(p_r) / n_(L-1))")
 
 
 @dataclass(frozen=True)
@@ -73,13 +75,13 @@ class Design:
     """The looks (cumulative estimation draws), the thresholds p_r of the grid, and for
     each radius and look the smallest count that claims it (the look's draws + 1: none);
     the futility level and the draws before which only a claim out of reach of every
-    remaining draw is given up. `spent`: the alpha each look may have spent, cumulative
-    (informative: the counts are what the test runs)."""
+    remaining draw is given up. `spent`: for each radius, the alpha each look may have
+    spent, cumulative (informative: the counts are what the test runs)."""
 
     looks: tuple[int, ...]
     p_thresholds: tuple[float, ...]
     counts: tuple[tuple[int, ...], ...]
-    spent: tuple[float, ...] = ()
+    spent: tuple[tuple[float, ...], ...] = ()
     futility: float = FUTILITY
     futility_from: int = FUTILITY_FROM
 
@@ -117,11 +119,30 @@ def spending(
     over the early looks in proportion to their draws (early_share * alpha * n_j / n_{L-1}),
     alpha itself at the last."""
     stats._check_alpha(alpha)
-    if not 0 < early_share < 1:
-        raise ValueError(f"the early looks' share of alpha must lie in (0, 1), got {early_share}")
+    if not 0 <= early_share < 1:
+        raise ValueError(f"the early looks' share of alpha must lie in [0, 1), got {early_share}")
     if len(sizes) == 1:
         return (alpha,)
     return tuple(early_share * alpha * size / sizes[-2] for size in sizes[:-1]) + (alpha,)
+
+
+def radius_share(
+    threshold: float, alpha: float, sizes: Sequence[int], early_share: float = EARLY_SHARE
+) -> float:
+    """The early looks' share of alpha for one radius: `early_share`, less in proportion to
+    the early draws before the first claim is possible at all.
+
+    No count of m draws claims p_r before p_r^m <= alpha (every vote for the guess), so a
+    radius near the largest one n can certify has few early looks that can claim; the
+    alpha they would spend comes from a last look whose every count then costs accuracy
+    (at p_r = 0.99865, n = 10,000, CERTIFY certifies with at most 3 votes against the
+    guess). With early_share * (1 - m_r / n_{L-1}), m_r = log(alpha) / log(p_r), a radius
+    far inside reach keeps nearly all of `early_share` (m_r = 10 draws at p_r = 1/2, 296 at
+    Phi(2)), one near the edge little."""
+    if len(sizes) == 1 or threshold >= 1.0:
+        return 0.0
+    reach = math.log(alpha) / math.log(threshold)
+    return early_share * max(0.0, 1.0 - reach / sizes[-2])
 
 
 @functools.lru_cache(maxsize=64)
@@ -131,16 +152,19 @@ def design(
     futility_from: int = FUTILITY_FROM,
 ) -> Design:
     """The design `certify --sequential` runs at these thresholds (cached: computed once per
-    run, not per example): `look_sizes`, `spending`, and the boundaries each look's spent
-    alpha allows (`boundaries`), raised where needed so that at every look they grow with
-    the radius (claims stay monotone in the count; raising a boundary only removes claims)."""
+    run, not per example): `look_sizes`, each radius' `spending` at its `radius_share`,
+    and the boundaries each look's spent alpha allows (`boundaries`), raised where needed
+    so that at every look they grow with the radius (claims stay monotone in the count;
+    raising a boundary only removes claims)."""
     sizes = look_sizes(n, looks, growth)
-    spent = spending(sizes, alpha, early_share)
-    counts = np.array([boundaries(sizes, spent, float(t)) for t in p_thresholds], dtype=int)
+    spent = [spending(sizes, alpha, radius_share(float(t), alpha, sizes, early_share))
+             for t in p_thresholds]
+    counts = np.array([boundaries(sizes, row, float(t))
+                       for row, t in zip(spent, p_thresholds, strict=True)], dtype=int)
     counts = np.maximum.accumulate(counts, axis=0) if len(counts) else counts.reshape(0, 0)
     return Design(sizes, tuple(float(t) for t in p_thresholds),
-                  tuple(tuple(int(c) for c in row) for row in counts), spent,
-                  futility, futility_from)
+                  tuple(tuple(int(c) for c in row) for row in counts),
+                  tuple(spent), futility, futility_from)
 
 
 def thresholds(radii: Sequence[float], sigma: float) -> np.ndarray:
@@ -286,6 +310,8 @@ def boundaries(sizes: Sequence[int], spent: Sequence[float], threshold: float) -
     that look, earlier looks included, is at most its `spent` alpha (less a relative 1e-9
     for the float sums); the look's draws + 1 where no count is."""
     def smallest(index: int, crossed: float, tails: np.ndarray, offset: int) -> int:
+        if spent[index] <= 0:
+            return sizes[index] + 1
         within = np.flatnonzero(crossed + tails <= spent[index] * (1 - _MARGIN))
         return offset + int(within[0]) if len(within) else sizes[index] + 1
 

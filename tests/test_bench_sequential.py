@@ -73,7 +73,7 @@ def test_the_design_simulation_counts_draws_against_the_plans_own_n():
                      if boundary <= size)
         # known answer: all of n_j votes cross at p_r = Phi(2) once Phi(2)^n_j, the chance
         # of that path, is within the alpha spent by then
-        assert norm.cdf(2.0) ** first <= plan.spent[plan.looks.index(first)]
+        assert norm.cdf(2.0) ** first <= plan.spent[-1][plan.looks.index(first)]
         result = simulate(np.array([1.0, 1.0]), plan, 2, np.random.default_rng(0))
         assert result["draws"] == pytest.approx((N0 + first) / (N0 + n))
         assert result["sequential"] == result["standard"] == [100.0] * 5

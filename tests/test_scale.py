@@ -173,8 +173,8 @@ def test_sequential_rows_radius_is_the_largest_certified_radius_of_the_grid(tmp_
                   looks=5)
     record = sidecar(out)
     assert record["settings"]["sequential"] == {
-        "radii": [0.0, 0.25, 0.5], "looks": list(plan.looks), "spent": list(plan.spent),
-        "counts": [list(row) for row in plan.counts],
+        "radii": [0.0, 0.25, 0.5], "looks": list(plan.looks),
+        "spent": [list(row) for row in plan.spent], "counts": [list(row) for row in plan.counts],
         "futility": 0.07, "futility_from": 400, "boundary_rule": BOUNDARY_RULE,
         "futility_rule": FUTILITY_RULE,
     }

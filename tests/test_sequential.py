@@ -22,6 +22,7 @@ from smoothing.sequential import (
     design,
     look_sizes,
     overclaim_probability,
+    radius_share,
     spending,
     thresholds,
 )
@@ -128,11 +129,13 @@ def test_the_implemented_boundaries_never_overclaim_beyond_alpha_and_sit_between
             assert column == sorted(column)
         for index, threshold in enumerate(p_thresholds):
             assert overclaim_probability(plan, index) <= alpha
-            for j, (size, spent) in enumerate(zip(plan.looks, plan.spent, strict=True)):
-                # P(count_j >= b_j) <= spent_j: never laxer than CERTIFY at that alpha
-                assert plan.counts[index][j] >= claim_boundary(size, spent, threshold)
+            for j, (size, spent) in enumerate(zip(plan.looks, plan.spent[index], strict=True)):
+                # P(count_j >= b_j) <= spent_j: never laxer than CERTIFY at that alpha (and
+                # no claim where a look spends nothing)
+                assert plan.counts[index][j] >= (
+                    claim_boundary(size, spent, threshold) if spent > 0 else size + 1)
             # and no stricter than a union bound would be at the last look
-            previous = plan.spent[-2] if len(plan.looks) > 1 else 0.0
+            previous = plan.spent[index][-2] if len(plan.looks) > 1 else 0.0
             assert plan.counts[index][-1] <= claim_boundary(
                 n, (alpha - previous) * (1 - 1e-6), threshold)
 
@@ -230,20 +233,20 @@ def test_a_radius_out_of_reach_of_the_last_look_is_given_up_above_its_threshold(
     share, given_up
 ):
     # r = 0.5 at sigma 0.5: p_r = 0.8413. After 5,000 of 10,000 draws at p-hat = 0.843 the
-    # upper bound at 0.05 (0.851) is above p_r, but the last look's claim needs 8,537 of
+    # upper bound at 0.05 (0.851) is above p_r, but the last look's claim needs 8,536 of
     # all 10,000 draws, 0.864 of the remaining 5,000: at p_A = 0.851 that is 2.5 standard
     # deviations away (probability 0.005 < 0.05), so r = 0.5 is given up; at p-hat = 0.852
-    # (upper bound 0.860, 0.855 needed) it is within reach (0.84).
+    # (upper bound 0.860, 0.855 needed) it is within reach (0.85).
     grid = grid_thresholds(0.5, (0.0, 0.25, 0.5))
     plan = design(10_000, 0.001, grid, looks=20, futility=0.05, growth=math.sqrt(2))
-    assert plan.last_boundary(2) == 8537
+    assert plan.last_boundary(2) == 8536
     look = plan.looks.index(5000)
     decision = Decision(certified=1)  # r = 0 and 0.25 certified already
     n_a = round(share * 5000)
     upper = 1 - stats.lower_confidence_bound(5000 - n_a, 5000, 0.05)  # by symmetry
     assert upper > grid[2]  # the upper-bound rule alone would go on
     reach = binom.sf(plan.last_boundary(2) - n_a - 1, 5000, upper)
-    assert reach == pytest.approx(0.0048 if given_up else 0.841, abs=0.001)
+    assert reach == pytest.approx(0.0054 if given_up else 0.851, abs=0.001)
     done = decide(decision, n_a, 5000, plan, look)
     assert done == given_up
     assert decision.futile_from == (2 if given_up else None)
@@ -273,3 +276,20 @@ def test_futility_waits_for_futility_from_draws_but_a_claim_out_of_reach_is_give
     decision = Decision()
     assert decide(decision, never.last_boundary(1) - 1500, 8696, never, never.looks.index(8696))
     assert (decision.certified, decision.futile_from) == (0, 1)  # 0.64 of 8,696: r = 0
+
+
+def test_a_radius_near_the_largest_n_can_certify_leaves_its_last_look_most_of_alpha():
+    # p_r = Phi(3) = 0.99865 (r = 0.75 at sigma 0.25): no count of m draws claims it before
+    # p_r^m <= 0.001, m = 5,113.8 of the 8,696 early draws, so its early looks get
+    # 0.75 (1 - 5114 / 8696) = 0.31 of alpha; r = 0 (m = 10 draws) keeps nearly all of 0.75
+    sizes = look_sizes(10_000)
+    far, near = float(norm.cdf(0.0)), float(norm.cdf(3.0))
+    assert radius_share(far, 0.001, sizes) == pytest.approx(0.75 * (1 - 9.97 / 8696), rel=1e-3)
+    assert radius_share(near, 0.001, sizes) == pytest.approx(0.75 * (1 - 5113.8 / 8696),
+                                                             rel=1e-4)
+    assert radius_share(0.3, 0.001, (100,)) == 0.0
+    plan = design(10_000, 0.001, (far, near))
+    assert plan.spent[1][-2] == pytest.approx(0.001 * radius_share(near, 0.001, sizes))
+    # the last look then claims at most one vote above CERTIFY's own boundary
+    assert plan.last_boundary(1) - claim_boundary(10_000, 0.001, near) <= 1
+    assert overclaim_probability(plan, 1) <= 0.001
