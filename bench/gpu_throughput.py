@@ -57,7 +57,7 @@ PEAK_BF16_DENSE_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 3
 # over CERTIFY's n0 + n at n = 10,000, sigma 0.5, on 500 values of p_A fitted to Cohen et
 # al.'s ImageNet ResNet-50 sigma 0.5 results: `python -m bench.sequential` on the CPU
 # (docs/scale.md, "Measured savings"). Random weights give the GPU run no such population.
-COHEN_POPULATION_DRAW_FRACTION = 0.127
+COHEN_POPULATION_DRAW_FRACTION = 0.128
 
 # Stage name -> its share of the budget. Deadlines are cumulative: time a stage leaves
 # unused goes to the next ones.

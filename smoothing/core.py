@@ -124,9 +124,9 @@ class Smooth:
         The votes are counted in pieces, each the fewest further copies that could settle
         the argmax, and counting stops at the first copy after which no remaining one could
         change it: the guess is that of all n0 votes (up to batch-size dependent rounding
-        of the model). The
-        noise of all n0 copies is drawn in sample_counts' batches, so the generator ends
-        where sample_counts would leave it and the draws after the selection are the same.
+        of the model). The noise of all n0 copies is drawn in sample_counts' batches, so the
+        generator ends where sample_counts would leave it and the draws after the selection
+        are the same.
         """
         _check_counts(n0=n0, batch_size=batch_size)
         _check_image(x)
