@@ -103,9 +103,7 @@ class Smooth:
             batch = gaussian_noise(
                 (size, *x.shape), self.sigma, generator, dtype=x.dtype, device=x.device
             ).add_(x)
-            with self._autocast(x.device):
-                logits = self.base_classifier(batch)
-            self._check_logits(logits, size)
+            logits = self._logits(batch)
             counts.scatter_add_(0, logits.argmax(dim=1), ones[:size])
             finite.logical_and_(torch.isfinite(logits).all())
         if not bool(finite):
@@ -138,22 +136,21 @@ class Smooth:
                 (size, *x.shape), self.sigma, generator, dtype=x.dtype, device=x.device
             ).add_(x)
             done = 0
-            while done < size and not _settled(counts, n0 - evaluated):
-                leader = int(counts.argmax())
-                others = torch.cat([counts[:leader], counts[leader + 1:]])
-                lead = int(counts[leader] - (others.max() if len(others) else 0))
-                # the fewest copies that, all voting for the leader, could settle it (a tie
-                # settles it too when the tie goes to the leader), so no check is skipped
-                piece = min(size - done, max(1, math.ceil((n0 - evaluated - lead) / 2)))
+            while done < size and (piece := _votes_to_settle(counts, n0 - evaluated)):
+                piece = min(size - done, piece)
                 counts += self._votes(batch[done:done + piece]).cpu()
                 done, evaluated = done + piece, evaluated + piece
         return int(counts.argmax()), evaluated
 
-    def _votes(self, batch: torch.Tensor) -> torch.Tensor:
-        """Votes of the base classifier on a batch of noisy copies: a [K] tensor."""
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         with self._autocast(batch.device):
             logits = self.base_classifier(batch)
         self._check_logits(logits, len(batch))
+        return logits
+
+    def _votes(self, batch: torch.Tensor) -> torch.Tensor:
+        """Votes of the base classifier on a batch of noisy copies: a [K] tensor."""
+        logits = self._logits(batch)
         if not torch.isfinite(logits).all():
             raise NonFiniteOutputError(
                 "the base classifier returned NaN or inf under noise; refusing to count its votes"
@@ -163,9 +160,7 @@ class Smooth:
     @torch.inference_mode()
     def base_predict(self, x: torch.Tensor) -> int:
         """The base classifier's prediction on x itself, without noise."""
-        with self._autocast(x.device):
-            logits = self.base_classifier(x.unsqueeze(0))
-        self._check_logits(logits, 1)
+        logits = self._logits(x.unsqueeze(0))
         if not torch.isfinite(logits).all():
             raise NonFiniteOutputError("the base classifier returned NaN or inf on a clean input")
         return int(logits.argmax(dim=1).item())
@@ -192,14 +187,21 @@ def _check_image(x: torch.Tensor) -> None:
         raise ValueError("input image contains NaN or inf")
 
 
-def _settled(counts: torch.Tensor, remaining: int) -> bool:
-    """Whether `remaining` more votes could change argmax(counts) (ties to the lowest)."""
-    leader = int(counts.argmax())
-    for other, count in enumerate(counts.tolist()):
-        gap = int(counts[leader]) - count
-        if other != leader and (gap < remaining or gap == remaining and other < leader):
-            return False
-    return True
+def _votes_to_settle(counts: torch.Tensor, remaining: int) -> int:
+    """0 when `remaining` more votes cannot change argmax(counts) (ties to the lowest
+    class); else the fewest further votes that could settle it, all for the leader (no
+    other class can settle it sooner, so counting that many never passes the first vote
+    that settles it)."""
+    values = counts.tolist()
+    leader = values.index(max(values))
+    needed = 0
+    for other, count in enumerate(values):
+        if other != leader:
+            # settled against `other` once the leader's lead reaches what is left, plus one
+            # when a tie would go to `other`; each vote for the leader closes it by two
+            short = remaining + (other < leader) - (values[leader] - count)
+            needed = max(needed, math.ceil(short / 2))
+    return needed
 
 
 def _check_counts(batch_size: int, **sample_sizes: int) -> None:
