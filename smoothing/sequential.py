@@ -315,8 +315,8 @@ def boundaries(sizes: Sequence[int], spent: Sequence[float], threshold: float) -
         within = np.flatnonzero(crossed + tails <= spent[index] * (1 - _MARGIN))
         return offset + int(within[0]) if len(within) else sizes[index] + 1
 
-    return [min(b, size + 1) for b, size in
-            zip(_crossing(sizes, threshold, smallest)[1], sizes, strict=True)]
+    # (a boundary is at most size + 1: the window of alive counts ends at the look's draws)
+    return _crossing(sizes, threshold, smallest)[1]
 
 
 def overclaim_probability(plan: Design, radius_index: int, p: float | None = None) -> float:

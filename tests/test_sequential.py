@@ -124,9 +124,9 @@ def test_the_implemented_boundaries_never_overclaim_beyond_alpha_and_sit_between
     for sigma in (0.25, 0.5, 1.0):
         p_thresholds = grid_thresholds(sigma)
         plan = design(n, alpha, p_thresholds)
-        for j in range(len(plan.looks)):  # claims monotone in the count at every look
+        for j, size in enumerate(plan.looks):  # claims monotone in the count at every look
             column = [row[j] for row in plan.counts]
-            assert column == sorted(column)
+            assert column == sorted(column) and column[-1] <= size + 1  # size + 1: none
         for index, threshold in enumerate(p_thresholds):
             assert overclaim_probability(plan, index) <= alpha
             for j, (size, spent) in enumerate(zip(plan.looks, plan.spent[index], strict=True)):
