@@ -219,8 +219,34 @@ def test_l2_projection_agrees_with_a_generic_solver():
             method="SLSQP",
             options={"ftol": 1e-12, "maxiter": 500},
         )
-        assert solution.success
-        np.testing.assert_allclose(z[i].flatten().numpy(), solution.x, atol=1e-6)
+        # SLSQP's own success flag depends on the machine's floating point: on some CPUs
+        # it stops at the optimum with "positive directional derivative for linesearch"
+        # (status 8), its point feasible to 1e-9. Optimality itself is checked without a
+        # solver by the test below.
+        reference = solution.x
+        assert solution.status in (0, 8), solution.message
+        assert np.all(reference >= 0) and np.all(reference <= 1)
+        assert np.sum((reference - center) ** 2) <= eps**2 + 1e-9
+        np.testing.assert_allclose(z[i].flatten().numpy(), reference, atol=1e-6)
+
+
+def test_l2_projection_is_optimal_against_every_feasible_point():
+    # z is the projection of t onto the convex set C (ball of x, box) exactly when z is
+    # in C and <t - z, p - z> <= 0 for every p in C: checked on random points of C.
+    generator = seeded(9)
+    x = torch.rand((20, 1, 2, 3), generator=generator, dtype=torch.float64)
+    x_adv = x + 0.8 * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    eps = 0.4
+    z = ThreatModel("l2", eps).project(x_adv, x).flatten(1)
+    x, x_adv = x.flatten(1), x_adv.flatten(1)
+    assert torch.all((z - x).norm(dim=1) <= eps * (1 + 1e-12))
+    assert torch.all((z >= 0) & (z <= 1))
+    direction = torch.randn((20, 2000, 6), generator=generator, dtype=torch.float64)
+    direction = direction / direction.norm(dim=2, keepdim=True)
+    radius = eps * torch.rand((20, 2000, 1), generator=generator, dtype=torch.float64) ** (1 / 6)
+    points = (x[:, None] + radius * direction).clamp(0, 1)  # clamping stays in the ball
+    inner = ((x_adv - z)[:, None] * (points - z[:, None])).sum(dim=2)
+    assert inner.max() <= 1e-12
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
