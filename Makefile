@@ -5,10 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch pulls several GB of CUDA wheels. Where they come from the network, pip would keep a
 # second copy in its cache and unpack them in /tmp, which is small on some machines: the
-# download goes to a folder beside the venv instead, and nothing is cached.
+# download goes to a folder beside the venv instead, removed whether pip succeeds or not
+# (a failed install would leave GBs there), and nothing is cached.
 PIP_TMP := $(CURDIR)/$(VENV)/pip-tmp
-PIP_INSTALL = mkdir -p $(PIP_TMP) && TMPDIR=$(PIP_TMP) $(BIN)/python -m pip install --quiet \
-	--disable-pip-version-check --no-cache-dir -c constraints.txt
+pip_install = mkdir -p $(PIP_TMP) && TMPDIR=$(PIP_TMP) $(BIN)/python -m pip install --quiet \
+	--disable-pip-version-check --no-cache-dir -c constraints.txt -e '.[$(1)]'; \
+	status=$$?; rm -rf $(PIP_TMP); exit $$status
+TEST_EXTRAS := models,test
+IMAGENET_EXTRAS := models,test,imagenet-demo
 
 DEMO_RUNS := runs/demo/digits_sigma0.25.tsv runs/demo/digits_sigma0.50.tsv
 DEMO_LABELS := "sigma=0.25,sigma=0.50"
@@ -17,8 +21,7 @@ DEMO_LABELS := "sigma=0.25,sigma=0.50"
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[models,test]'
-	rm -rf $(PIP_TMP)
+	$(call pip_install,$(TEST_EXTRAS))
 	touch $(STAMP)
 
 # Certify the digits test split with the shipped models (no network, no GPU), then
@@ -42,8 +45,7 @@ IMAGENET_TABLE := $(IMAGENET_RUNS) --labels "efficientnet-lite0,ffdnet+efficient
 	--radii 0,0.05,0.1,0.15
 
 $(IMAGENET_STAMP): $(STAMP)
-	$(PIP_INSTALL) -e '.[models,test,imagenet-demo]'
-	rm -rf $(PIP_TMP)
+	$(call pip_install,$(IMAGENET_EXTRAS))
 	touch $(IMAGENET_STAMP)
 
 demo-imagenet: $(IMAGENET_STAMP)

@@ -241,9 +241,11 @@ def test_l2_projection_is_optimal_against_every_feasible_point():
     x, x_adv = x.flatten(1), x_adv.flatten(1)
     assert torch.all((z - x).norm(dim=1) <= eps * (1 + 1e-12))
     assert torch.all((z >= 0) & (z <= 1))
-    direction = torch.randn((20, 2000, 6), generator=generator, dtype=torch.float64)
+    examples, dims = x.shape
+    direction = torch.randn((examples, 2000, dims), generator=generator, dtype=torch.float64)
     direction = direction / direction.norm(dim=2, keepdim=True)
-    radius = eps * torch.rand((20, 2000, 1), generator=generator, dtype=torch.float64) ** (1 / 6)
+    uniform = torch.rand((examples, 2000, 1), generator=generator, dtype=torch.float64)
+    radius = eps * uniform ** (1 / dims)  # uniform in the ball
     points = (x[:, None] + radius * direction).clamp(0, 1)  # clamping stays in the ball
     inner = ((x_adv - z)[:, None] * (points - z[:, None])).sum(dim=2)
     assert inner.max() <= 1e-12
